@@ -1,0 +1,298 @@
+"""Datasets: an embedded default, torchvision datasets from a local root, and synthetic data.
+
+- ``digits`` (embedded, no network): scikit-learn's bundled handwritten digits (1,797 real 8x8
+  grey images of 10 classes, UCI), scaled to [0, 1] and resized (bilinear) to ``image_size``.
+  Fixed stratified split: 20% test, then ``val_fraction`` of the rest as validation.
+- ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``svhn``, ``imagefolder``: torchvision
+  datasets read from ``root``; downloaded only when ``download`` is true.
+- ``synthetic``: random images and labels for cost-only suites (accuracy there is meaningless).
+
+The validation split is always carved from the training data (stratified, fixed seed), never from
+test. Thresholds and other choices are fitted on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+SPLIT_SEED = 20240601  # fixed: the splits do not move with the suite's training seed
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "imagefolder", "synthetic")
+
+
+class DatasetError(ValueError):
+    """A dataset that is unknown, missing on disk, or asked for with bad options."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """What to load. ``image_size`` resizes every image to a square of that many pixels (None:
+    native size). ``limit_train``/``limit_test`` cap sample counts (stratified), e.g. for CI."""
+
+    name: str = "digits"
+    root: str = "data"
+    image_size: int | None = None
+    val_fraction: float = 0.1
+    download: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    num_classes: int | None = None  # synthetic only
+    in_chans: int | None = None  # synthetic only
+    num_samples: int | None = None  # synthetic only
+
+    @property
+    def label(self) -> str:
+        return self.name if self.image_size is None else f"{self.name}{self.image_size}"
+
+
+@dataclass
+class DataSplits:
+    """Train (augmentation applied), validation and test datasets yielding (image, label)."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    image_size: int
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ----- transforms ---------------------------------------------------------------------------------
+
+class Augmented(Dataset):
+    """Applies ``transform`` to the image of each (image, label) pair of ``base``."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Tensor], Tensor]) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x, y = self.base[i]
+        return self.transform(x), y
+
+
+class RandomCropFlip:
+    """Pad by ``pad`` pixels (zeros), crop back at a random offset, optionally flip horizontally."""
+
+    def __init__(self, pad: int, flip: bool) -> None:
+        self.pad, self.flip = pad, flip
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if self.pad:
+            x = F.pad(x, (self.pad,) * 4)
+            i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = x[..., i:i + h, j:j + w]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+def _augmentation(name: str, image_size: int) -> Callable[[Tensor], Tensor] | None:
+    pad = max(1, image_size // 8)
+    if name in ("cifar10", "cifar100", "imagefolder"):
+        return RandomCropFlip(pad, flip=True)
+    if name in ("digits", "mnist", "fashion_mnist", "svhn"):
+        return RandomCropFlip(max(1, image_size // 16), flip=False)
+    return None
+
+
+def _resize(images: Tensor, size: int | None) -> Tensor:
+    if size is None or images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=images.shape[-1] > size)
+
+
+def _normalise(images: Tensor) -> Tensor:
+    """Per-channel standardisation with statistics of the given (training) images."""
+    mean = images.mean(dim=(0, 2, 3), keepdim=True)
+    std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (images - mean) / std
+
+
+# ----- splitting ----------------------------------------------------------------------------------
+
+def stratified_split(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held_out): ``fraction`` of each class held out, chosen with a fixed seed."""
+    labels = np.asarray(labels)
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"split fraction must be between 0 and 1 (exclusive), got {fraction}")
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        held.append(idx[:k])
+    held_out = np.sort(np.concatenate(held))
+    rest = np.setdiff1d(np.arange(len(labels)), held_out)
+    return rest, held_out
+
+
+def _limit(indices: np.ndarray, labels: np.ndarray, limit: int | None) -> np.ndarray:
+    if limit is None or limit >= len(indices):
+        return indices
+    keep_frac = limit / len(indices)
+    _, kept = stratified_split(labels[indices], keep_frac, seed=SPLIT_SEED + 1)
+    return indices[kept]
+
+
+# ----- loaders ------------------------------------------------------------------------------------
+
+def load_dataset(cfg: DatasetConfig) -> DataSplits:
+    """Load ``cfg.name``; raises DatasetError naming the dataset, the path and how to get it."""
+    if cfg.name not in DATASET_NAMES:
+        from harness.registry import unknown_name
+        raise DatasetError(str(unknown_name("dataset", cfg.name, list(DATASET_NAMES))))
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise DatasetError(f"dataset {cfg.name}: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.name == "digits":
+        return _digits(cfg)
+    if cfg.name == "synthetic":
+        return _synthetic(cfg)
+    return _torchvision(cfg)
+
+
+def _digits(cfg: DatasetConfig) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8]
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    size = cfg.image_size or 8
+    images = _resize(images, size)
+    train_idx, test_idx = stratified_split(labels, 0.2)
+    train_idx = _limit(train_idx, labels, cfg.limit_train)
+    test_idx = _limit(test_idx, labels, cfg.limit_test)
+    fit_idx, val_pos = stratified_split(labels[train_idx], cfg.val_fraction)
+    fit_idx, val_idx = train_idx[fit_idx], train_idx[val_pos]
+    mean = images[fit_idx].mean()
+    std = images[fit_idx].std().clamp_min(1e-6)
+    images = (images - mean) / std
+    y = torch.from_numpy(labels)
+    make = lambda idx: TensorDataset(images[idx], y[idx])  # noqa: E731
+    aug = _augmentation("digits", size)
+    train = Augmented(make(fit_idx), aug) if aug else make(fit_idx)
+    return DataSplits(train, make(val_idx), make(test_idx), 10, 1, size, cfg.label,
+                      {"source": "sklearn.datasets.load_digits (UCI optical digits, bundled)",
+                       "n_train": len(fit_idx), "n_val": len(val_idx), "n_test": len(test_idx)})
+
+
+def _synthetic(cfg: DatasetConfig) -> DataSplits:
+    size = cfg.image_size or 32
+    classes = cfg.num_classes or 10
+    chans = cfg.in_chans or 3
+    n = cfg.num_samples or 256
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
+    images = torch.randn(n, chans, size, size, generator=gen)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    third = max(1, n // 3)
+    make = lambda a, b: TensorDataset(images[a:b], labels[a:b])  # noqa: E731
+    return DataSplits(make(0, third), make(third, 2 * third), make(2 * third, n), classes, chans, size, cfg.label,
+                      {"source": "synthetic (random normal images, random labels)"})
+
+
+_TV = {
+    "cifar10": ("CIFAR10", 10, 3, "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", 100, 3, "cifar-100-python"),
+    "mnist": ("MNIST", 10, 1, "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", 10, 1, "FashionMNIST/raw"),
+    "svhn": ("SVHN", 10, 3, "train_32x32.mat, test_32x32.mat"),
+}
+
+
+def _torchvision(cfg: DatasetConfig) -> DataSplits:
+    import torchvision
+
+    root = Path(cfg.root).expanduser()
+    if cfg.name == "imagefolder":
+        return _imagefolder(cfg, root)
+    cls_name, classes, chans, expected = _TV[cfg.name]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        if cfg.name == "svhn":
+            train_raw = cls(str(root), split="train", download=cfg.download)
+            test_raw = cls(str(root), split="test", download=cfg.download)
+        else:
+            train_raw = cls(str(root), train=True, download=cfg.download)
+            test_raw = cls(str(root), train=False, download=cfg.download)
+    except (RuntimeError, OSError) as exc:
+        raise DatasetError(
+            f"dataset {cfg.name}: files not found or unreadable under {root.resolve()} (looked for {expected}: "
+            f"{str(exc).splitlines()[0]}). Put the torchvision-format files there, point `root` at them, or set "
+            f"`download: true` in the suite (or --download) on a machine with network access") from None
+    train_x, train_y = _to_tensors(train_raw, chans)
+    test_x, test_y = _to_tensors(test_raw, chans)
+    return _splits_from_tensors(cfg, train_x, train_y, test_x, test_y, classes, chans)
+
+
+def _to_tensors(ds: Any, chans: int) -> tuple[Tensor, np.ndarray]:
+    data = ds.data
+    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if data.ndim == 3:  # N, H, W (MNIST family)
+        data = data[:, None]
+    elif data.shape[-1] == chans and data.ndim == 4 and data.shape[1] != chans:  # N, H, W, C (CIFAR)
+        data = data.transpose(0, 3, 1, 2)
+    labels = np.asarray(getattr(ds, "targets", getattr(ds, "labels", None)), dtype=np.int64)
+    return torch.from_numpy(np.ascontiguousarray(data)).float() / 255.0, labels
+
+
+def _splits_from_tensors(cfg: DatasetConfig, train_x: Tensor, train_y: np.ndarray, test_x: Tensor, test_y: np.ndarray,
+                         classes: int, chans: int) -> DataSplits:
+    train_idx = _limit(np.arange(len(train_y)), train_y, cfg.limit_train)
+    test_idx = _limit(np.arange(len(test_y)), test_y, cfg.limit_test)
+    fit_pos, val_pos = stratified_split(train_y[train_idx], cfg.val_fraction)
+    fit_idx, val_idx = train_idx[fit_pos], train_idx[val_pos]
+    size = cfg.image_size or int(train_x.shape[-1])
+    train_x, test_x = _resize(train_x, size), _resize(test_x, size)
+    mean = train_x[fit_idx].mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x[fit_idx].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    ty, sy = torch.from_numpy(train_y), torch.from_numpy(test_y)
+    aug = _augmentation(cfg.name, size)
+    fit = TensorDataset(train_x[fit_idx], ty[fit_idx])
+    return DataSplits(Augmented(fit, aug) if aug else fit, TensorDataset(train_x[val_idx], ty[val_idx]),
+                      TensorDataset(test_x[test_idx], sy[test_idx]), classes, chans, size, cfg.label,
+                      {"source": f"torchvision {cfg.name} from {cfg.root}", "n_train": len(fit_idx),
+                       "n_val": len(val_idx), "n_test": len(test_idx)})
+
+
+def _imagefolder(cfg: DatasetConfig, root: Path) -> DataSplits:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``root/test``) image folders."""
+    import torchvision
+    from torchvision.transforms import functional as TF
+
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DatasetError(f"dataset imagefolder: expected {root.resolve()}/train/<class>/ and {root.resolve()}/val/<class>/ "
+                           "(or test/) folders of images; point `root` at such a folder")
+    size = cfg.image_size or 64
+    tensors = []
+    for folder in (train_dir, test_dir):
+        ds = torchvision.datasets.ImageFolder(str(folder))
+        xs = [TF.to_tensor(TF.resize(ds.loader(p).convert("RGB"), [size, size], antialias=True)) for p, _ in ds.samples]
+        if not xs:
+            raise DatasetError(f"dataset imagefolder: no images under {folder.resolve()}")
+        tensors.append((torch.stack(xs), np.asarray(ds.targets, dtype=np.int64), len(ds.classes)))
+    (trx, try_, classes), (tex, tey, _) = tensors
+    return _splits_from_tensors(cfg, trx, try_, tex, tey, classes, 3)
+
+
+def input_shape(splits: DataSplits) -> tuple[int, int, int]:
+    return splits.in_chans, splits.image_size, splits.image_size
+
+
+def subset(ds: Dataset, n: int) -> Dataset:
+    return Subset(ds, list(range(min(n, len(ds)))))  # type: ignore[arg-type]

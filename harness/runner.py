@@ -1,0 +1,199 @@
+"""The runner: suite -> cells (model x dataset x device) -> train -> measure -> rows on disk.
+
+Each cell's rows are written atomically as soon as it finishes; running the same run directory
+again skips finished cells (resume). A cell that raises is stored as an error row and the run goes
+on. Ctrl-C stops the run after the finished cells are safely on disk.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.data import DataSplits, DatasetConfig, load_dataset
+from harness.environment import collect_environment
+from harness.registry import ModelSpec, model_card
+from harness.results import CellRecord, RunStore, make_row
+from harness.suites import ModelEntry, Suite, SuiteError, check_device, train_config_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: ModelEntry
+    dataset: DatasetConfig
+    device: str
+
+    @property
+    def cell_id(self) -> str:
+        return "__".join(slug(p) for p in (self.model.display, self.dataset.label, self.device))
+
+
+@dataclass
+class CellContext:
+    """What every measurement step of a cell can use."""
+
+    cell: Cell
+    suite: Suite
+    store: RunStore
+    splits: DataSplits
+    spec: ModelSpec
+    model: torch.nn.Module
+    checkpoint: Path | None
+    fields: dict[str, Any]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, metric: str, value: float | None, unit: str, **extra: Any) -> dict[str, Any]:
+        return make_row(metric, value, unit, **{**self.fields, **extra})
+
+
+Step = Callable[[CellContext], list[dict[str, Any]]]
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
+    devs = devices or list(suite.devices)
+    return [Cell(m, d, dev) for d in suite.datasets for m in suite.models for dev in devs]
+
+
+def _check_run_dir(store: RunStore, suite: Suite) -> None:
+    """Refuse to mix results of two different suites in one run directory."""
+    old = store.read_meta("suite.json")
+    if old and old.get("digest") != suite.digest:
+        raise SuiteError(
+            f"run directory {store.run_dir} holds results of suite {old.get('name')!r} with different content "
+            f"(digest {old.get('digest')} vs {suite.digest}); give another --out to keep both")
+
+
+def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, progress: bool = False,
+              echo: Callable[[str], None] = lambda s: None) -> RunSummary:
+    """Run every cell of ``suite`` into ``out_dir``; finished cells there are skipped."""
+    for dev in devices or suite.devices:
+        check_device(dev)
+    store = RunStore(out_dir)
+    _check_run_dir(store, suite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store.write_meta("suite.json", {"name": suite.name, "path": suite.path, "digest": suite.digest, "content": suite.raw})
+    store.write_meta("environment.json", collect_environment())
+    cells = plan_cells(suite, devices)
+    summary = RunSummary(out_dir)
+    t0 = time.perf_counter()
+    splits_cache: dict[DatasetConfig, DataSplits] = {}
+    for ds in suite.datasets:  # missing datasets fail before any cell runs
+        splits_cache[ds] = load_dataset(ds)
+    try:
+        for i, cell in enumerate(cells, 1):
+            if store.is_done(cell.cell_id):
+                summary.skipped.append(cell.cell_id)
+                echo(f"[{i}/{len(cells)}] {cell.cell_id}: already done, skipped")
+                continue
+            started = time.perf_counter()
+            record = run_cell(cell, suite, store, splits_cache[cell.dataset], progress=progress)
+            store.write_cell(record)
+            store.write_tables()
+            took = time.perf_counter() - started
+            if record.status == "ok":
+                summary.finished.append(cell.cell_id)
+                echo(f"[{i}/{len(cells)}] {cell.cell_id}: ok ({took:.1f} s)")
+            else:
+                summary.failed.append(cell.cell_id)
+                echo(f"[{i}/{len(cells)}] {cell.cell_id}: FAILED ({record.error.splitlines()[0]})")
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        store.write_tables()
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, progress: bool = False) -> CellRecord:
+    """Run one cell; any exception becomes an error record (KeyboardInterrupt propagates)."""
+    fields = {"run_id": store.run_id, "suite": suite.name, "cell_id": cell.cell_id, "model": cell.model.display,
+              "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device}
+    meta = {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label, "device": cell.device}
+    try:
+        spec = ModelSpec(cell.model.name, dict(cell.model.kwargs), splits.num_classes, splits.in_chans)
+        torch.manual_seed(suite.seed)
+        model = spec.build()
+        ctx = CellContext(cell, suite, store, splits, spec, model, None, fields, {"progress": progress})
+        rows: list[dict[str, Any]] = []
+        for step in cell_steps(suite):
+            rows.extend(step(ctx))
+        meta["spec"] = spec.to_dict()
+        meta["card"] = _card_dict(cell.model.name)
+        return CellRecord(cell.cell_id, "ok", rows, meta=meta)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed cell is data, not a crash
+        message = f"{type(exc).__name__}: {exc}"
+        log.debug("cell %s failed:\n%s", cell.cell_id, traceback.format_exc())
+        meta["traceback"] = traceback.format_exc(limit=8)
+        return CellRecord(cell.cell_id, "error", [make_row("error", None, "", error=message, **fields)], message, meta)
+
+
+def _card_dict(name: str) -> dict[str, Any]:
+    card = model_card(name)
+    return {"family": card.family, "paper": card.paper, "dynamic_kind": card.dynamic_kind,
+            "reference": dict(card.reference), "reference_source": card.reference_source, "notes": card.notes}
+
+
+# ----- steps --------------------------------------------------------------------------------------
+
+def step_parameters(ctx: CellContext) -> list[dict[str, Any]]:
+    total = sum(p.numel() for p in ctx.model.parameters())
+    rows = [ctx.row("params", total, "count")]
+    active = getattr(ctx.model, "active_parameters", None)
+    if callable(active):
+        rows.append(ctx.row("params_active", active(), "count"))
+    return rows
+
+
+def step_train(ctx: CellContext) -> list[dict[str, Any]]:
+    from harness.train import train_model
+
+    cfg = train_config_for(ctx.suite, ctx.cell.model)
+    if cfg is None or cfg.epochs == 0:
+        return []
+    ctx.checkpoint = ctx.store.artifact_dir(ctx.cell.cell_id) / "model.pt"
+    result = train_model(ctx.model, ctx.splits.train, cfg, device=ctx.cell.device, checkpoint=ctx.checkpoint,
+                         spec=ctx.spec.to_dict(), progress=ctx.cache.get("progress", False))
+    rows = [ctx.row("train_seconds", result.seconds, "s", split="train", detail={"epochs": cfg.epochs, "resumed_from_epoch": result.resumed_from_epoch})]
+    for term, value in (result.history[-1] if result.history else {}).items():
+        rows.append(ctx.row(f"train_loss_{term}", value, "nats", split="train"))
+    return rows
+
+
+def step_accuracy(ctx: CellContext) -> list[dict[str, Any]]:
+    from harness.evaluate import accuracy_rows, collect_exit_logits
+
+    test_logits, test_labels = collect_exit_logits(ctx.model, ctx.splits.test, ctx.suite.eval_batch_size, ctx.cell.device)
+    ctx.cache["test_exit_logits"], ctx.cache["test_labels"] = test_logits, test_labels
+    return accuracy_rows(test_logits, test_labels, ctx.splits.num_classes, "test", **ctx.fields)
+
+
+def cell_steps(suite: Suite) -> list[Step]:
+    """The measurement steps a suite asks for, in order."""
+    steps: list[Step] = [step_parameters, step_train]
+    if "accuracy" in suite.metrics or "sweep" in suite.metrics:
+        steps.append(step_accuracy)
+    return steps

@@ -1,0 +1,179 @@
+"""One trainer for every model, driven by the model's declared objective (named loss terms).
+
+The loss minimised is the sum of ``contract.loss_terms(model, x, y)``; each term's epoch mean is
+recorded. SGD or Adam, step or cosine schedule, seeded shuffling, a checkpoint after every epoch
+(resumed when present), a progress bar, and a clear error when the loss stops being finite.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs with DistributedDataParallel: each rank
+takes an interleaved shard of every global batch (DistributedSampler), so with a batch of B and
+W ranks the gradient equals single-process training on the same B samples (for models without
+batch statistics; BatchNorm sees per-rank batches).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from harness.checkpoints import CheckpointError, read_checkpoint, load_model_state, save_checkpoint
+from harness.contract import LossTermsModule
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "none")
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (non-finite loss, ...). The message says where and why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings. ``lr`` is the peak learning rate; ``milestones`` are epochs (step)."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    resumed_from_epoch: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: term -> mean
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    if cfg.schedule == "step":
+        bounds = [m * steps_per_epoch for m in cfg.milestones]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.gamma ** sum(s >= b for b in bounds))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, device: str = "cpu",
+                checkpoint: Path | None = None, spec: dict[str, Any] | None = None,
+                progress: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs; resume from ``checkpoint`` if it exists."""
+    rank, world = distributed_env()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    seed_everything(cfg.seed)
+    model.to(device)
+    objective: nn.Module = LossTermsModule(model)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)  # type: ignore[arg-type]
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True, num_workers=0)
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one batch ({cfg.batch_size})")  # type: ignore[arg-type]
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps)
+    start_epoch, history = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        state = read_checkpoint(checkpoint)
+        load_model_state(model, state, checkpoint)
+        try:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {checkpoint} has optimizer state that does not fit: {exc}") from None
+        start_epoch = int(state["epoch"])
+        history = list(state.get("extra", {}).get("history", []))
+        log.info("resumed %s at epoch %d", checkpoint, start_epoch)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        # a per-epoch generator keeps augmentation identical whether or not training was resumed
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        sums: dict[str, float] = {}
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
+        for step, (x, y) in enumerate(loader):
+            if step >= steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            terms = objective(x, y)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                raise TrainingError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} ({detail}); "
+                                    "lower the learning rate or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+        if bar is not None:
+            bar.close()
+        means = {k: v / steps for k, v in sums.items()}
+        history.append(means)
+        if checkpoint is not None and rank == 0:
+            save_checkpoint(checkpoint, model, spec=spec, optimizer=opt, scheduler=sched, epoch=epoch + 1,
+                            extra={"history": history})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, means)
+    model.eval()
+    return TrainResult(cfg.epochs - start_epoch, start_epoch, time.perf_counter() - t0, history)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

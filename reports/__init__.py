@@ -1,0 +1,1 @@
+"""Turns stored results into tables, plots and the HTML report. Reads results only."""
