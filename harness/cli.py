@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--batch-size", type=_positive_int, default=1)
 
+    p = sub.add_parser("evaluate", help="per-exit accuracy of a model checkpoint on a dataset's test split")
+    p.add_argument("model", help="registered model name the checkpoint was trained as")
+    p.add_argument("--checkpoint", type=Path, required=True, help="file written by `run` or harness.distributed")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--root", default="data", help="where torchvision datasets are (default: data)")
+    p.add_argument("--image-size", type=_positive_int, default=16)
+    p.add_argument("--kwargs", default="{}", help="builder options as JSON (as in the suite)")
+    p.add_argument("--device", type=_device, default="cpu")
+
     p = sub.add_parser("report", help="write the self-contained HTML report of one or more runs")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
     p.add_argument("--out", type=Path, default=None, help="HTML file (default: <first run>/report.html)")
@@ -178,6 +187,31 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from harness.checkpoints import load_checkpoint
+    from harness.data import DatasetConfig, load_dataset
+    from harness.evaluate import collect_exit_logits, topk_accuracy
+    from harness.registry import ModelSpec
+    from harness.suites import check_device
+
+    check_device(args.device)
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise CliError("--kwargs must be a JSON object, e.g. '{\"width\": 2}'")
+    splits = load_dataset(DatasetConfig(args.dataset, root=args.root, image_size=args.image_size))
+    model = ModelSpec(args.model, kwargs, splits.num_classes, splits.in_chans).build()
+    load_checkpoint(args.checkpoint, model)
+    logits, labels = collect_exit_logits(model, splits.test, 256, args.device)
+    rows = [(k, f"{topk_accuracy(l, labels, 1):.2f}", f"{topk_accuracy(l, labels, 5):.2f}") for k, l in enumerate(logits)]
+    print(_table(("exit", "top1 %", "top5 %"), rows))
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     for run in args.runs:
         if not (run / "cells").is_dir():
@@ -203,7 +237,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return tabulate(rows, headers=header, tablefmt="simple")
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "report": cmd_report, "compare": cmd_compare}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "evaluate": cmd_evaluate, "report": cmd_report, "compare": cmd_compare}
 
 
 if __name__ == "__main__":  # pragma: no cover

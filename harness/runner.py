@@ -172,7 +172,7 @@ def step_train(ctx: CellContext) -> list[dict[str, Any]]:
     from harness.train import train_model
 
     cfg = train_config_for(ctx.suite, ctx.cell.model)
-    if cfg is None or cfg.epochs == 0:
+    if cfg is None or cfg.epochs == 0 or not any(p.requires_grad for p in ctx.model.parameters()):
         return []
     ctx.checkpoint = ctx.store.artifact_dir(ctx.cell.cell_id) / "model.pt"
     result = train_model(ctx.model, ctx.splits.train, cfg, device=ctx.cell.device, checkpoint=ctx.checkpoint,

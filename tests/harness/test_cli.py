@@ -1,0 +1,85 @@
+"""Every bad input gets one line on stderr and exit code 2; no traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.checkpoints import save_checkpoint
+from harness.cli import main
+from harness.registry import create_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "nosuch"], "unknown suite 'nosuch'"),
+    (["run", "smoke", "--models", "resnet99"], "unknown model in suite smoke 'resnet99'"),
+    (["run", "smoke", "--device", "cuda"], "no CUDA device"),
+    (["profile", "resnet2"], "unknown model 'resnet2'"),
+    (["show", "/nonexistent/run"], "not a fractalbench run directory"),
+    (["report", "/nonexistent/run"], "not a fractalbench run directory"),
+    (["evaluate", "resnet20", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
+    (["evaluate", "resnet20", "--checkpoint", "x.pt", "--dataset", "cifar10", "--root", "/nonexistent"], "dataset cifar10: files not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("fractalbench: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "smoke", "--device", "gpu"], "'gpu' is not a device; allowed: cpu, cuda, cuda:N"),
+    (["profile", "resnet20", "--batch-size", "0"], "must be >= 1, got 0"),
+    (["list", "things"], "invalid choice: 'things'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_cli_values_exit_2(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_corrupt_and_mismatched_checkpoint_via_cli(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    code, _, err = run_cli(capsys, "evaluate", "resnet20", "--checkpoint", str(bad), "--image-size", "8")
+    assert code == 2 and f"checkpoint {bad} is corrupt" in err
+    other = tmp_path / "r32.pt"
+    save_checkpoint(other, create_model("resnet32", in_chans=1))
+    code, _, err = run_cli(capsys, "evaluate", "resnet20", "--checkpoint", str(other), "--image-size", "8")
+    assert code == 2 and "does not match the model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_malformed_suite_file_via_cli(capsys, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndatasets: [digits]\nmodels: [resnet20]\ntrain: {epochs: -1}\n")
+    code, _, err = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"))
+    assert code == 2 and f"suite {path}: field 'train.epochs': must be a whole number >= 0, got -1" in err
+
+
+def test_list_and_run_and_show(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "list", "models", "--pattern", "resnet5*")
+    assert code == 0 and "resnet56" in out and "resnet20" not in out
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndatasets: [{name: digits, image_size: 8}]\nmodels: [linear]\ntrain: {epochs: 1, batch_size: 32}\n")
+    code, out, _ = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--no-report")
+    assert code == 0 and "1 cell(s) finished" in out
+    code, out, _ = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--no-report")
+    assert code == 0 and "1 skipped (already done)" in out
+    code, out, _ = run_cli(capsys, "show", str(tmp_path / "run"), "--metric", "top1")
+    assert code == 0 and "top1" in out and "linear" in out
+
+
+def test_console_script_exit_code_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "nosuch"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("fractalbench: error: unknown suite 'nosuch'")

@@ -1,0 +1,102 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from harness.data import DatasetConfig, load_dataset
+from harness.evaluate import collect_exit_logits, topk_accuracy
+from harness.registry import create_model
+from harness.train import TrainConfig, TrainingError, train_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_dataset(DatasetConfig("digits", image_size=8))
+
+
+def trained(splits, cfg, name="resnet20", **kw):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_chans=1)
+    train_model(model, splits.train, cfg, **kw)
+    return model
+
+
+def test_same_seed_same_accuracy_and_training_learns(digits8):
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=3)
+    a, b = trained(digits8, cfg), trained(digits8, cfg)
+    la, y = collect_exit_logits(a, digits8.test)
+    lb, _ = collect_exit_logits(b, digits8.test)
+    assert torch.equal(la[0], lb[0])
+    assert topk_accuracy(la[0], y) > 50.0  # 10 classes: chance is 10%
+
+
+def test_interrupted_training_resumes_to_the_same_weights(digits8, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=1, schedule="cosine")
+    straight = trained(digits8, cfg)
+    ckpt = tmp_path / "m.pt"
+
+    def stop_after_first(epoch, means):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trained(digits8, cfg, checkpoint=ckpt, on_epoch=stop_after_first)
+    assert read_checkpoint(ckpt)["epoch"] == 1
+    resumed = trained(digits8, cfg, checkpoint=ckpt)
+    for (n, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-6), n
+
+
+def test_nan_loss_fails_with_a_clear_error(digits8):
+    # the first step's loss is finite; its NaN learning rate makes every weight NaN for step 2
+    with pytest.raises(TrainingError, match=r"loss is not finite at epoch 1, step 2 \(cross_entropy=nan\)"):
+        trained(digits8, TrainConfig(epochs=1, lr=float("nan")), name="linear")
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad} is corrupt"):
+        load_checkpoint(bad, create_model("resnet20"))
+    good = tmp_path / "r20.pt"
+    save_checkpoint(good, create_model("resnet20"))
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_checkpoint(good, create_model("resnet32"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt", create_model("resnet20"))
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    model = create_model("resnet20")
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, spec={"name": "resnet20", "kwargs": {}}, epoch=3)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 3
+    fresh = create_model("resnet20")
+    load_checkpoint(path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def _train_cmd(nproc, out):
+    args = ["--model", "linear", "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--no-augment", "--out", str(out)]
+    if nproc == 1:
+        return [sys.executable, "-m", "harness.distributed", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "harness.distributed", *args]
+
+
+def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for nproc in (1, 2):
+        proc = subprocess.run(_train_cmd(nproc, tmp_path / f"w{nproc}.pt"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = torch.load(tmp_path / "w1.pt", weights_only=True), torch.load(tmp_path / "w2.pt", weights_only=True)
+    assert two["extra"]["world_size"] == 2
+    for name, w in one["model"].items():
+        assert torch.allclose(w, two["model"][name], atol=1e-5), name
+    assert abs(one["extra"]["top1"] - two["extra"]["top1"]) <= 0.6  # at most two test samples differ
