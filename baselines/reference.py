@@ -1,6 +1,6 @@
 """Reference models for the harness itself (not from a paper).
 
-- ``null``: does nothing; returns constant logits (class 0 first, then 1, 2, ...). Measured like any model, it gives the
+- ``noop``: does nothing; returns constant logits (class 0 first, then 1, 2, ...). Measured like any model, it gives the
   harness's own overhead (MLPerf LoadGen keeps such a null backend for the same reason).
 - ``linear``: multinomial logistic regression on the image average-pooled to 8x8 (so any input
   size works) and flattened. No batch statistics, so
@@ -35,7 +35,7 @@ class LinearClassifier(nn.Module):
 
 
 @register_model(card=ModelCard(family="reference", paper="none: harness overhead (does nothing)"))
-def null(*, num_classes: int = 10, in_chans: int = 3) -> NullModel:
+def noop(*, num_classes: int = 10, in_chans: int = 3) -> NullModel:
     return NullModel(num_classes)
 
 

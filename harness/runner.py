@@ -20,7 +20,7 @@ from harness.data import DataSplits, DatasetConfig, load_dataset
 from harness.environment import collect_environment
 from harness.registry import ModelSpec, model_card
 from harness.results import CellRecord, RunStore, make_row
-from harness.suites import ModelEntry, Suite, SuiteError, check_device, train_config_for
+from harness.suites import ModelEntry, PolicyConfig, Suite, SuiteError, check_device, train_config_for
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +186,185 @@ def step_train(ctx: CellContext) -> list[dict[str, Any]]:
 def step_accuracy(ctx: CellContext) -> list[dict[str, Any]]:
     from harness.evaluate import accuracy_rows, collect_exit_logits
 
-    test_logits, test_labels = collect_exit_logits(ctx.model, ctx.splits.test, ctx.suite.eval_batch_size, ctx.cell.device)
+    bs, dev = ctx.suite.eval_batch_size, ctx.cell.device
+    test_logits, test_labels = collect_exit_logits(ctx.model, ctx.splits.test, bs, dev)
     ctx.cache["test_exit_logits"], ctx.cache["test_labels"] = test_logits, test_labels
+    ctx.cache["val_exit_logits"], ctx.cache["val_labels"] = collect_exit_logits(ctx.model, ctx.splits.val, bs, dev)
     return accuracy_rows(test_logits, test_labels, ctx.splits.num_classes, "test", **ctx.fields)
+
+
+def _inputs(ds: Any, limit: int | None = None) -> torch.Tensor:
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+def _cost_table(ctx: CellContext) -> Any:
+    from harness.metrics.flops import build_cost_table
+
+    if "cost_table" not in ctx.cache:
+        ctx.model.to(ctx.cell.device).eval()
+        ctx.cache["cost_table"] = build_cost_table(ctx.model, _inputs(ctx.splits.test, 1).to(ctx.cell.device))
+    return ctx.cache["cost_table"]
+
+
+def step_dynamic(ctx: CellContext) -> list[dict[str, Any]]:
+    """Dynamic inference on the test split: for early-exit models every policy's threshold sweep
+    and the validation-fitted budget points; for gated/routed models their own decisions.
+    Stores each operating point's accuracy and keeps its trace for the cost step."""
+    from harness.contract import dynamic_kind
+    from harness.evaluate import run_policy, topk_accuracy
+
+    kind = dynamic_kind(ctx.model)
+    if kind == "static":
+        return []
+    bs, dev = ctx.suite.eval_batch_size, ctx.cell.device
+    points: list[tuple[str, float | None, Any, dict[str, Any]]] = []
+    if kind == "early_exit":
+        if "sweep" not in ctx.suite.metrics:
+            return []
+        points = _early_exit_points(ctx)
+    else:
+        points = [(kind_label(kind), None, None, {"decisions": "learned gates" if kind == "gated" else "learned router"})]
+    rows, traces, policies = [], {}, {}
+    for label, threshold, policy, detail in points:
+        logits, trace, labels = run_policy(ctx.model, ctx.splits.test, policy, bs, dev)
+        key = label if threshold is None else f"{label}={threshold:g}"
+        traces[key], policies[key] = trace, policy
+        extra = {"policy": label, "threshold": threshold, "split": "test", "n": len(labels)}
+        rows.append(ctx.row("policy_top1", topk_accuracy(logits, labels, 1), "%", **extra, detail=detail))
+        ctx.cache.setdefault("point_fields", {})[key] = {"policy": label, "threshold": threshold}
+    ctx.cache["traces"], ctx.cache["policies"] = traces, policies
+    return rows
+
+
+def kind_label(kind: str) -> str:
+    return {"gated": "gates", "routed": "router"}.get(kind, kind)
+
+
+def _early_exit_points(ctx: CellContext) -> list[tuple[str, float | None, Any, dict[str, Any]]]:
+    from harness import calibration
+    from harness.policies import make_policy
+
+    table = _cost_table(ctx)
+    val_logits, val_labels = ctx.cache["val_exit_logits"], ctx.cache["val_labels"]
+    configs = ctx.suite.policies or (PolicyConfig("confidence"),)
+    points = []
+    for cfg in configs:
+        grid = cfg.grid or calibration.default_grid(cfg.name, len(val_logits), val_logits[0].shape[-1])
+        for t in grid:
+            points.append((cfg.name, float(t), make_policy(cfg.name, t), {"fitted_on": "none (grid point)"}))
+        if cfg.name == "patience":
+            continue
+        for budget in ctx.suite.budgets:
+            target = budget * table.exits[-1]
+            fit = calibration.fit_to_budget(cfg.name, val_logits, list(table.exits), target, split="validation")
+            detail = {"fitted_on": fit.fitted_on, "budget_fraction": budget, "budget_macs": target,
+                      "thresholds": list(fit.policy.thresholds), "validation_expected_macs": fit.expected_macs}
+            points.append((f"{cfg.name}@budget{budget:g}", None, fit.policy, detail))
+    return points
+
+
+def step_cost(ctx: CellContext) -> list[dict[str, Any]]:
+    from harness.metrics.flops import cost_rows, expected_cost_rows, oracle_rows
+
+    table = _cost_table(ctx)
+    rows = cost_rows(ctx.model, _inputs(ctx.splits.test, 1).to(ctx.cell.device), None, table=table,
+                     include_params=False, **ctx.fields)
+    traces = ctx.cache.get("traces", {})
+    for key, trace in traces.items():
+        point = ctx.cache["point_fields"][key]
+        rows.extend(expected_cost_rows(trace, table, point["policy"], **{**ctx.fields, "threshold": point["threshold"]}))
+    if ctx.suite.cost.oracle_samples and traces:
+        inputs = _inputs(ctx.splits.test).to(ctx.cell.device)
+        for key, policy in list(ctx.cache["policies"].items())[:: max(1, len(traces) // 3)]:
+            point = ctx.cache["point_fields"][key]
+            rows.extend(oracle_rows(ctx.model, inputs, table, policy, num_samples=ctx.suite.cost.oracle_samples,
+                                    seed=ctx.suite.seed, **{**ctx.fields, **point}))
+    return rows
+
+
+def _stream_policies(ctx: CellContext) -> tuple[Any, ...]:
+    """Policies timed as a real stream: budget-fitted ones, else the middle grid point per policy."""
+    policies = ctx.cache.get("policies", {})
+    chosen = [p for k, p in policies.items() if "@budget" in k]
+    if not chosen:
+        by_name: dict[str, list[Any]] = {}
+        for key, p in policies.items():
+            by_name.setdefault(ctx.cache["point_fields"][key]["policy"], []).append(p)
+        chosen = [ps[len(ps) // 2] for ps in by_name.values()]
+    return tuple(chosen)
+
+
+def step_latency(ctx: CellContext) -> list[dict[str, Any]]:
+    from harness.metrics.latency import LatencySettings, latency_rows
+
+    cfg = ctx.suite.latency
+    settings = LatencySettings(batch_sizes=cfg.batch_sizes, warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads,
+                               stream_samples=cfg.stream_samples, isolate=cfg.isolate, device=ctx.cell.device,
+                               policies=_stream_policies(ctx))
+    inputs = _inputs(ctx.splits.test, max(cfg.stream_samples, max(cfg.batch_sizes)))
+    return latency_rows(ctx.spec, _weights(ctx), inputs, settings, **ctx.fields)
+
+
+def _weights(ctx: CellContext) -> Path | None:
+    """A checkpoint of the model as measured (trained or freshly initialised) for worker processes."""
+    if ctx.checkpoint is None:
+        from harness.checkpoints import save_checkpoint
+
+        ctx.checkpoint = ctx.store.artifact_dir(ctx.cell.cell_id) / "model.pt"
+        save_checkpoint(ctx.checkpoint, ctx.model.cpu(), spec=ctx.spec.to_dict())
+        ctx.model.to(ctx.cell.device)
+    return ctx.checkpoint
+
+
+def step_memory(ctx: CellContext) -> list[dict[str, Any]]:
+    from harness.data import input_shape
+    from harness.metrics.memory import MemorySettings, memory_rows
+
+    settings = MemorySettings(batch_size=ctx.suite.memory.batch_size, device=ctx.cell.device, threads=ctx.suite.latency.threads)
+    return memory_rows(ctx.spec, _weights(ctx), input_shape(ctx.splits), settings, **ctx.fields)
+
+
+def step_patterns(ctx: CellContext) -> list[dict[str, Any]]:
+    """FractalBrainNet: pattern images (artifacts) and the pattern analysis on test images."""
+    model = ctx.model
+    analyse = getattr(model, "analyze_fractal_patterns", None)
+    if not callable(analyse):
+        return []
+    import numpy as np
+
+    from baselines.fractalbrainnet import pattern_images
+
+    folder = ctx.store.artifact_dir(ctx.cell.cell_id)
+    for name, image in pattern_images(model).items():
+        np.save(folder / f"pattern_{slug(name)}.npy", np.asarray(image, dtype=np.float32))
+    model.eval()
+    with torch.no_grad():
+        analysis = analyse(_inputs(ctx.splits.test, 32).to(ctx.cell.device))
+    rows = []
+    for level, value in enumerate(analysis.get("pattern_complexity", [])):
+        rows.append(ctx.row("pattern_complexity", float(value), "nats", exit=level, split="test"))
+    hier = analysis.get("hierarchical_organization", {})
+    if "hierarchy_score" in hier:
+        rows.append(ctx.row("hierarchy_score", float(hier["hierarchy_score"]), "score", split="test",
+                            detail={"correlation": hier.get("correlation")}))
+    return rows
 
 
 def cell_steps(suite: Suite) -> list[Step]:
     """The measurement steps a suite asks for, in order."""
+    m = set(suite.metrics)
     steps: list[Step] = [step_parameters, step_train]
-    if "accuracy" in suite.metrics or "sweep" in suite.metrics:
+    if m & {"accuracy", "sweep"}:
         steps.append(step_accuracy)
+    if m & {"sweep", "cost"}:
+        steps.append(step_dynamic)
+    if "cost" in m:
+        steps.append(step_cost)
+    if "latency" in m:
+        steps.append(step_latency)
+    if "memory" in m:
+        steps.append(step_memory)
+    if "patterns" in m:
+        steps.append(step_patterns)
     return steps

@@ -33,7 +33,7 @@ def test_duplicate_registration_raises():
 
 def test_list_models_wildcards_and_discovery():
     assert list_models("resnet*") == ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56"]
-    assert "null" in list_models() and "linear" in list_models()
+    assert "noop" in list_models() and "linear" in list_models()
 
 
 def test_timm_model_is_a_static_baseline_without_download():

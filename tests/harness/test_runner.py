@@ -38,7 +38,7 @@ def broken_models():
 
 
 def test_failing_cell_is_stored_and_others_go_on(tmp_path, broken_models):
-    summary = run_suite(suite(["null", "tmp_raises", "linear"]), tmp_path)
+    summary = run_suite(suite(["noop", "tmp_raises", "linear"]), tmp_path)
     assert summary.failed == ["tmp_raises__digits8__cpu"] and len(summary.finished) == 2
     frame = load_run(tmp_path)
     err = frame[frame.metric == "error"]
@@ -47,33 +47,33 @@ def test_failing_cell_is_stored_and_others_go_on(tmp_path, broken_models):
     # the null model predicts class 0 for everything: top-1 = share of class 0 in the test set
     labels = load_dataset(DatasetConfig("digits", image_size=8)).test.tensors[1]
     share = 100.0 * (labels == 0).sum().item() / len(labels)
-    assert frame[(frame.model == "null") & (frame.metric == "top1")].value.iloc[0] == pytest.approx(share)
+    assert frame[(frame.model == "noop") & (frame.metric == "top1")].value.iloc[0] == pytest.approx(share)
     assert (tmp_path / "results.csv").read_text().count("\n") == len(frame) + 1
 
 
 def test_interrupt_keeps_finished_cells_and_rerun_resumes(tmp_path, broken_models):
-    first = run_suite(suite(["linear", "tmp_interrupts", "null"]), tmp_path)
+    first = run_suite(suite(["linear", "tmp_interrupts", "noop"]), tmp_path)
     assert first.interrupted and first.finished == ["linear__digits8__cpu"]
     before = json.loads((tmp_path / "cells" / "linear__digits8__cpu.json").read_text())
     registry.unregister_model("tmp_interrupts")
     register_model("tmp_interrupts", card=ModelCard(family="test", paper="none"))(
-        lambda *, num_classes, in_chans: registry.create_model("null", num_classes=num_classes))
-    second = run_suite(suite(["linear", "tmp_interrupts", "null"]), tmp_path)
+        lambda *, num_classes, in_chans: registry.create_model("noop", num_classes=num_classes))
+    second = run_suite(suite(["linear", "tmp_interrupts", "noop"]), tmp_path)
     assert second.skipped == ["linear__digits8__cpu"]
-    assert second.finished == ["tmp_interrupts__digits8__cpu", "null__digits8__cpu"]
+    assert second.finished == ["tmp_interrupts__digits8__cpu", "noop__digits8__cpu"]
     after = json.loads((tmp_path / "cells" / "linear__digits8__cpu.json").read_text())
     assert before == after
-    assert set(load_run(tmp_path).model) == {"linear", "tmp_interrupts", "null"}
+    assert set(load_run(tmp_path).model) == {"linear", "tmp_interrupts", "noop"}
 
 
 def test_run_directory_of_another_suite_is_refused(tmp_path):
-    run_suite(suite(["null"]), tmp_path)
+    run_suite(suite(["noop"]), tmp_path)
     with pytest.raises(SuiteError, match="holds results of suite 't' with different content"):
-        run_suite(suite(["null"], seed=5), tmp_path)
+        run_suite(suite(["noop"], seed=5), tmp_path)
 
 
 def test_environment_and_schema_recorded(tmp_path):
-    run_suite(suite(["null"]), tmp_path)
+    run_suite(suite(["noop"]), tmp_path)
     env = json.loads((tmp_path / "environment.json").read_text())
     assert env["libraries"]["torch"].startswith("2.14.1") and env["cpu_count"] >= 1 and "git_commit" in env
     frame = load_run(tmp_path)
@@ -83,7 +83,7 @@ def test_environment_and_schema_recorded(tmp_path):
 def test_missing_dataset_fails_before_any_cell(tmp_path):
     from harness.data import DatasetError
 
-    raw = suite(["null"]).raw | {"datasets": [{"name": "svhn", "root": str(tmp_path / "none")}]}
+    raw = suite(["noop"]).raw | {"datasets": [{"name": "svhn", "root": str(tmp_path / "none")}]}
     with pytest.raises(DatasetError, match="dataset svhn"):
         run_suite(parse_suite(raw), tmp_path / "run")
     assert not (tmp_path / "run" / "cells").exists()
