@@ -1,0 +1,279 @@
+"""Mixture-of-Experts: balancing losses by hand, router gradients, capacity drops, real dispatch
+(hooks), batch-1 vs batched routing, the cost table vs a per-sample counted oracle, parameters."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from baselines.moe import (MoELayer, MoEResNet, cv_squared, expert_histogram, importance, smooth_load,
+                           switch_balancing_loss)
+from harness import contract
+from harness.registry import create_model, list_models, model_card
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def counted_macs(fn, *args, **kwargs) -> int:
+    """MACs that FlopCounterMode sees while ``fn`` runs (FLOPs / 2), without the harness."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+def unit_table(model, x1) -> dict[str, int]:
+    units = model.cost_units()
+    probes = {u.name: counted_macs(u.probe, x1) for u in units}
+    return {u.name: probes[u.name] - (probes[u.baseline] if u.baseline else 0) for u in units}
+
+
+def build(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=10, in_chans=3, **kw).eval()
+
+
+# ----- balancing losses by hand (2 experts, 4 tokens) -------------------------------------------------
+
+def test_switch_balancing_loss_by_hand():
+    # argmax (0, 0, 1, 0): f = (3/4, 1/4); mean probabilities P = (2.4/4, 1.6/4) = (0.6, 0.4)
+    # loss = E * sum f_e P_e = 2 * (0.75 * 0.6 + 0.25 * 0.4) = 2 * 0.55 = 1.1
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
+    assert switch_balancing_loss(probs, probs.argmax(-1)).item() == pytest.approx(1.1, rel=1e-6)
+    uniform = torch.full((4, 2), 0.5)  # balanced: f = P = 1/2 -> 2 * (1/4 + 1/4) = 1
+    assert switch_balancing_loss(uniform, torch.tensor([0, 1, 0, 1])).item() == pytest.approx(1.0)
+
+
+def test_importance_and_cv_squared_by_hand():
+    # top-1 gates (value 1) of 4 tokens: three to expert 0, one to expert 1 -> importance (3, 1),
+    # mean 2, population variance ((3-2)^2 + (1-2)^2) / 2 = 1 -> CV^2 = 1 / 4
+    gates = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert importance(gates).tolist() == [3.0, 1.0]
+    assert cv_squared(importance(gates)).item() == pytest.approx(0.25)
+    soft = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.25, 0.75], [1.0, 0.0]])  # (2.5, 1.5): var 0.25, mean^2 4
+    assert cv_squared(importance(soft)).item() == pytest.approx(0.25 / 4)
+    assert cv_squared(torch.tensor([2.0, 2.0])).item() == 0.0
+
+
+def test_smooth_load_estimator_by_hand():
+    # k = 1, two experts: P(e in top 1) = Phi((clean_e - noisy_other) / std_e) (the other expert's
+    # noisy logit is the k-th largest excluding e). Phi values from the standard normal table:
+    clean = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.2, 0.2], [-1.0, 1.0]])
+    noisy = torch.tensor([[1.2, -0.3], [0.45, 0.4], [0.5, 0.0], [-1.0, 0.6]])
+    std = torch.tensor([[1.0, 2.0], [1.0, 1.0], [0.5, 0.5], [1.0, 1.0]])
+    p0 = [0.9031995154,   # Phi((1.0 + 0.3) / 1) = Phi(1.3)
+          0.3445782584,   # Phi((0.0 - 0.4) / 1) = Phi(-0.4)
+          0.6554217416,   # Phi((0.2 - 0.0) / 0.5) = Phi(0.4)
+          0.0547992917]   # Phi((-1.0 - 0.6) / 1) = Phi(-1.6)
+    p1 = [0.2742531178,   # Phi((0.0 - 1.2) / 2) = Phi(-0.6)
+          0.5199388058,   # Phi((0.5 - 0.45) / 1) = Phi(0.05)
+          0.2742531178,   # Phi((0.2 - 0.5) / 0.5) = Phi(-0.6)
+          0.9772498681]   # Phi((1.0 + 1.0) / 1) = Phi(2.0)
+    load = smooth_load(clean, noisy, std, k=1)
+    assert load.tolist() == pytest.approx([sum(p0), sum(p1)], rel=1e-6)  # (1.9579988071, 2.0456949095)
+    l0, l1 = 1.9579988071, 2.0456949095
+    assert cv_squared(load).item() == pytest.approx(((l0 - l1) / 2) ** 2 / ((l0 + l1) / 2) ** 2, rel=1e-5)
+
+
+def test_model_loss_terms_are_the_weighted_sums_over_layers():
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    switch = build("switch_resnet20")
+    terms = switch.loss_terms(x, y)
+    assert set(terms) == {"cross_entropy", "load_balancing"}
+    logits, routings = switch._run(x)
+    expected = sum(switch_balancing_loss(r.probs.reshape(-1, 4), r.probs.reshape(-1, 4).argmax(-1)) for r in routings)
+    assert terms["load_balancing"].item() == pytest.approx(0.01 * expected.item(), rel=1e-5)
+    assert terms["cross_entropy"].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    top2 = build("moe_resnet20_top2").train()
+    terms = top2.loss_terms(x, y)
+    assert set(terms) == {"cross_entropy", "importance", "load"}
+    assert all(torch.isfinite(v) and v >= 0 for v in terms.values())
+
+
+# ----- router gradients -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["moe_resnet20_top2", "switch_resnet20"])
+def test_router_receives_a_gradient_from_the_task_loss(name):
+    model = build(name).train()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    terms = model.loss_terms(x, y)
+    terms["cross_entropy"].backward()  # the task loss alone: the gate values must carry gradient
+    for layer in model.moe:
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    if name == "moe_resnet20_top2":  # the noise projection learns through the smooth load estimator
+        model.zero_grad()
+        model.loss_terms(x, y)["load"].backward()
+        assert all(layer.noise.weight.grad.abs().sum() > 0 for layer in model.moe)
+
+
+def test_switch_scales_by_the_selected_probability_not_a_constant_one():
+    layer = MoELayer(8, num_experts=3, k=1, router="switch").eval()
+    z = torch.randn(2, 5, 8)
+    routing = layer.route(z, noisy=False)
+    probs = layer.router(z).softmax(-1)
+    assert torch.allclose(routing.weights[..., 0], probs.max(-1).values)
+    assert (routing.weights < 1).all()  # a softmax after selection would be identically 1
+
+
+# ----- capacity -------------------------------------------------------------------------------------
+
+def _all_to_expert_0(layer):
+    """Every token identical after the norm (weight 0, bias 1) and expert 0 strictly preferred."""
+    with torch.no_grad():
+        layer.norm.weight.zero_()
+        layer.norm.bias.fill_(1.0)
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 0.25
+
+
+def test_capacity_overflow_drops_tokens_that_pass_through_the_residual():
+    torch.manual_seed(0)
+    # 2x2 feature map = 4 tokens, 2 experts, top-1, capacity factor 0.5: ceil(0.5 * 1 * 4 / 2) = 1 token
+    layer = MoELayer(4, num_experts=2, k=1, router="switch", capacity_factor=0.5).eval()
+    _all_to_expert_0(layer)
+    assert layer.capacity(4) == 1
+    rows = {0: [], 1: []}
+    for e, expert in enumerate(layer.experts):
+        expert.register_forward_hook(lambda m, inp, out, e=e: rows[e].append(inp[0].shape[0]))
+    h = torch.randn(2, 4, 2, 2)
+    with torch.no_grad():
+        out, routing = layer(h)
+    assert routing.assign[..., 0].tolist() == [[0, -1, -1, -1], [0, -1, -1, -1]]  # per sample: first token kept
+    assert rows == {0: [2], 1: []}  # expert 0 ran once on the two kept tokens; expert 1 never ran
+    tokens_in, tokens_out = h.flatten(2), out.flatten(2)
+    assert torch.equal(tokens_out[:, :, 1:], tokens_in[:, :, 1:])  # dropped: unchanged (residual)
+    p0 = torch.softmax(torch.tensor([0.25 * 4, 0.0]), 0)[0]  # router logits (sum of ones * 0.25, 0)
+    with torch.no_grad():
+        expected = tokens_in[:, :, 0] + p0 * layer.experts[0](torch.ones(1, 4))
+    assert torch.allclose(tokens_out[:, :, 0], expected, atol=1e-6)
+
+
+def test_capacity_priority_first_choices_then_second_choices():
+    # 3 tokens, top-2 of 3 experts, capacity ceil(0.5 * 2 * 3 / 3) = 1 per expert:
+    # first choices in raster order: t0->0 kept, t1->0 dropped, t2->1 kept;
+    # then second choices: t0->1 dropped (expert 1 full), t1->2 kept, t2->0 dropped.
+    layer = MoELayer(4, num_experts=3, k=2, capacity_factor=0.5)
+    choice = torch.tensor([[[0, 1], [0, 2], [1, 0]]])
+    assert layer.capacity(3) == 1
+    assert layer._apply_capacity(choice).tolist() == [[[0, -1], [-1, 2], [1, -1]]]
+    assert MoELayer(4, 3, 2)._apply_capacity(choice).tolist() == choice.tolist()  # no capacity: nothing dropped
+
+
+# ----- dispatch, batch-1 vs batched, the oracle -----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["moe_resnet20_top2", "switch_resnet20"])
+def test_batch_1_and_batched_routing_agree(name):
+    model = build(name)
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        batched = model.dynamic_forward(x)
+        singles = [model.dynamic_forward(x[i:i + 1]) for i in range(len(x))]
+    experts = batched.trace.experts
+    assert experts.shape == (6, 2, 16 * model.k)  # 4x4 tokens in stage 3, k choices each
+    assert len(torch.unique(experts[experts >= 0])) == 4  # every expert is used somewhere
+    if name == "switch_resnet20":
+        assert (experts == -1).any()  # capacity 1.25: ceil(1.25 * 16 / 4) = 5 tokens per expert and sample
+    for i, one in enumerate(singles):
+        assert torch.equal(one.trace.experts[0], experts[i])
+        for unit, counts in batched.trace.unit_counts.items():
+            assert one.trace.unit_counts[unit].item() == counts[i].item(), unit
+        assert torch.allclose(one.logits[0], batched.logits[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["moe_resnet20_top2", "switch_resnet20"])
+def test_only_chosen_experts_run_on_their_tokens(name):
+    model = build(name)
+    rows: dict[str, list[int]] = {}
+    for l, layer in enumerate(model.moe):
+        for e, expert in enumerate(layer.experts):
+            rows[f"layer{l}_expert{e}"] = []
+            unit = f"layer{l}_expert{e}"
+            expert.fc1.register_forward_hook(lambda m, inp, out, u=unit: rows[u].append(inp[0].shape[0]))
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        out = model.dynamic_forward(x)
+    for unit, counts in out.trace.unit_counts.items():
+        if unit != "base":  # each expert ran once, on exactly the tokens routed to it
+            assert sum(rows[unit]) == counts.sum().item() and len(rows[unit]) == int(counts.sum() > 0)
+    counts, dropped = expert_histogram(out.trace, 4)
+    assert counts.sum(1).tolist() == [5 * 16 * model.k - d for d in dropped.tolist()]
+    assert counts[1].tolist() == [int(out.trace.unit_counts[f"layer1_expert{e}"].sum()) for e in range(4)]
+
+
+@pytest.mark.parametrize("name,mode", [("moe_resnet20_top2", "compact"), ("switch_resnet20", "compact"),
+                                       ("switch_resnet20", "mask")])
+def test_cost_table_times_trace_equals_counted_macs_per_sample(name, mode):
+    model = build(name)
+    x = torch.randn(6, 3, 16, 16)
+    table = unit_table(model, x[:1])
+    # 16x16 input: ResNet-20 at 16x16 = 10,138,240 MACs (convs / 4, FC 640); routers 2 x 16 tokens x 64 x 4
+    assert table["base"] == 10_138_240 + 2 * 16 * 256 == 10_146_432
+    assert {v for k, v in table.items() if k != "base"} == {2 * 64 * 256}  # per token: 64->256->64
+    counted, from_table = [], []
+    for i in range(len(x)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = model.dynamic_forward(x[i:i + 1], mode=mode)
+        counted.append(counter.get_total_flops() // 2)
+        from_table.append(float(contract.executed_macs(out.trace, table)[0]))
+    assert counted == from_table
+    if name == "switch_resnet20" and mode == "compact":
+        assert len(set(counted)) > 1  # tokens dropped differ per sample, so the equality is not trivial
+    if mode == "mask":
+        assert set(counted) == {10_146_432 + 2 * 4 * 16 * 32_768}  # every expert on every token
+
+
+def test_mask_mode_matches_compact_logits():
+    model = build("switch_resnet20")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        compact, mask = model.dynamic_forward(x), model.dynamic_forward(x, mode="mask")
+    assert torch.equal(compact.trace.experts, mask.trace.experts)
+    assert torch.allclose(compact.logits, mask.logits, atol=1e-5)
+    assert torch.equal(model.forced_forward(x, 0), model(x)) and len(model.forward_exits(x)) == 1
+
+
+# ----- parameters, MACs at 32x32, registration ------------------------------------------------------
+
+def test_parameters_total_and_active_by_hand():
+    # ResNet-20: 269,722. Per MoE layer: LayerNorm 128, router 64*4 = 256 (noisy top-k: + noise 256),
+    # 4 experts of 64*256+256 + 256*64+64 = 33,088. Active: all but the experts (and the training-only
+    # noise projection), plus k experts per layer.
+    top2, switch = build("moe_resnet20_top2"), build("switch_resnet20")
+    assert sum(p.numel() for p in top2.parameters()) == 269_722 + 2 * (128 + 512 + 4 * 33_088) == 535_706
+    assert sum(p.numel() for p in switch.parameters()) == 269_722 + 2 * (128 + 256 + 4 * 33_088) == 535_194
+    assert top2.active_parameters() == 269_722 + 2 * (128 + 256 + 2 * 33_088) == 402_842
+    assert switch.active_parameters() == 269_722 + 2 * (128 + 256 + 33_088) == 336_666
+
+
+def test_macs_at_32x32_by_hand():
+    # ResNet-20 40,551,040 + routers 2 x 64 tokens x 64 x 4 = 32,768; an expert costs 32,768 MACs per token;
+    # noisy top-2 without capacity runs 2 experts on all 64 tokens in both layers: + 8,388,608.
+    model = build("moe_resnet20_top2")
+    x = torch.randn(1, 3, 32, 32)
+    units = {u.name: u for u in model.cost_units()}
+    assert len(units) == 1 + 2 * 4 and units["layer1_expert3"].baseline == "base"
+    base = counted_macs(units["base"].probe, x)
+    assert base == 40_551_040 + 32_768 == 40_583_808
+    assert counted_macs(units["layer1_expert3"].probe, x) - base == 32_768
+    assert counted_macs(model.dynamic_forward, x) == base + 2 * 64 * 2 * 32_768 == 48_972_416
+
+
+def test_registration_and_options():
+    assert {"moe_resnet20_top2", "switch_resnet20"} <= set(list_models())
+    assert all(model_card(n).dynamic_kind == "routed" for n in ("moe_resnet20_top2", "switch_resnet20"))
+    model = create_model("switch_resnet20", num_classes=7, in_chans=1, num_experts=8, capacity_factor=None)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 7) and len(model.moe[0].experts) == 8
+    with pytest.raises(ValueError, match="k="):
+        MoEResNet(20, router="switch", k=2)
+    with pytest.raises(ValueError, match="router"):
+        MoEResNet(20, router="hash")
+    with pytest.raises(ValueError, match="moe_layers"):
+        MoEResNet(20, moe_layers=4)
+    assert math.ceil(1.25 * 64 / 4) == MoELayer(64, 4, 1, "switch", capacity_factor=1.25).capacity(64) == 20
