@@ -1,0 +1,319 @@
+"""Plots from stored results (matplotlib with the Agg backend, seaborn styling).
+
+Each ``plot_*`` function takes the frame of :func:`reports.tables.combined_rows` (or a table made
+from it), writes every figure it makes as PNG and SVG into ``folder`` and returns a list of
+:class:`Plot` (empty when the metrics it needs are absent). Figures are made with
+``matplotlib.figure.Figure`` directly (no pyplot state), so plotting is safe in any process.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from reports import tables  # noqa: E402
+
+PNG_DPI = 110
+MAX_PANELS = 12
+MAX_POLICIES_PER_MODEL = 5
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure as written: PNG and SVG files and the PNG bytes (for embedding)."""
+
+    name: str
+    title: str
+    caption: str
+    png: Path
+    svg: Path
+    png_bytes: bytes
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
+
+
+def mpl_text(text: Any) -> str:
+    """Text for matplotlib: '$' escaped so labels never turn into mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def _style() -> dict[str, Any]:
+    import seaborn as sns
+
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.85)}
+
+
+def _palette(labels: Sequence[str]) -> dict[str, Any]:
+    import seaborn as sns
+
+    colors = sns.color_palette("tab10" if len(labels) <= 10 else "husl", max(1, len(labels)))
+    return {label: colors[i] for i, label in enumerate(labels)}
+
+
+def new_figure(width: float = 7.5, height: float = 4.8, ncols: int = 1, nrows: int = 1) -> tuple[Figure, Any]:
+    with matplotlib.rc_context(_style()):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save(fig: Figure, folder: Path, name: str, title: str, caption: str = "") -> Plot:
+    """Write ``fig`` as ``name``.png and ``name``.svg into ``folder``."""
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    png, svg = folder / f"{name}.png", folder / f"{name}.svg"
+    buf = io.BytesIO()
+    with matplotlib.rc_context(_style()):
+        fig.savefig(buf, format="png", dpi=PNG_DPI)
+        fig.savefig(svg, format="svg")
+    data = buf.getvalue()
+    png.write_bytes(data)
+    return Plot(name, title, caption, png, svg, data)
+
+
+def _xscale(ax: Any, values: Iterable[float]) -> None:
+    vals = [v for v in values if v and v > 0]
+    if vals and max(vals) / min(vals) > 20:
+        ax.set_xscale("log")
+
+
+# ----- accuracy vs cost --------------------------------------------------------------------------
+
+def plot_tradeoffs(frame: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Top-1 vs MACs per dataset and top-1 vs latency (batch 1) per dataset and device: every
+    model on one plot, dynamic models as curves over their policy settings, static models as
+    points, the Pareto frontier as a dashed black line through ringed points."""
+    plots = []
+    for cost, unit in (("macs", "MACs per image"), ("latency", "latency ms per call (batch 1, mean)")):
+        points = tables.operating_points(frame, cost)
+        if points.empty:
+            continue
+        groups = ["dataset"] if cost == "macs" else ["dataset", "device"]
+        for key, sub in points.groupby(groups, sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            where = " / ".join(str(k) for k in key)
+            name = f"accuracy_vs_{cost}__{slug('__'.join(str(k) for k in key))}"
+            title = f"Top-1 accuracy vs {'MACs' if cost == 'macs' else 'latency'}: {where}"
+            caption = (f"x: {unit}; y: top-1 % on test. Curves: dynamic models over their policy thresholds "
+                       f"(policy_top1 with {'expected_macs' if cost == 'macs' else 'the policy stream latency'}); "
+                       "markers: static models (last exit) or forced exits; dashed black: Pareto frontier.")
+            plots.append(save(_tradeoff_figure(sub, unit), folder, name, title, caption))
+    return plots
+
+
+def _tradeoff_figure(points: pd.DataFrame, unit: str) -> Figure:
+    fig, axes = new_figure(8.0, 5.0)
+    ax = axes[0][0]
+    labels = list(dict.fromkeys(points["label"]))
+    colors = _palette(labels)
+    for label in labels:
+        sub = points[points["label"] == label].sort_values("cost")
+        curve = sub[(sub["source"] == "exit") | ((sub["source"] == "policy") & sub["threshold"].notna())]
+        if len(curve) > 1:
+            ax.plot(curve["cost"], curve["accuracy"], "-o", color=colors[label], ms=4, lw=1.5, label=mpl_text(label))
+            rest = sub.drop(curve.index)
+            if not rest.empty:  # budget-fitted or learned settings: markers beside the curve
+                ax.plot(rest["cost"], rest["accuracy"], "s", color=colors[label], ms=7)
+        else:
+            ax.plot(sub["cost"], sub["accuracy"], "D" if (sub["source"] == "static").all() else "o",
+                    color=colors[label], ms=7, ls="none", label=mpl_text(label))
+    front = points[points["pareto"]].sort_values(["cost", "accuracy"])
+    if not front.empty:
+        ax.step(front["cost"], front["accuracy"], where="post", color="black", ls="--", lw=1.2, label="Pareto frontier")
+        ax.plot(front["cost"], front["accuracy"], "o", mfc="none", mec="black", ms=11, mew=1.4)
+    _xscale(ax, points["cost"])
+    if "MACs" in unit:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=" "))
+    ax.set_xlabel(unit)
+    ax.set_ylabel("top-1 %")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+# ----- per exit ----------------------------------------------------------------------------------
+
+def plot_per_exit(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Top-1 (%) and batch-1 latency (ms, mean of the forced path) against the exit index, for
+    models with more than one exit (``table``: :func:`reports.tables.per_exit_table`)."""
+    if table.empty or "top1 %" not in table and "latency mean ms (b=1)" not in table:
+        return []
+    multi = table.groupby(["label", "dataset", "device"])["exit"].transform("nunique") > 1
+    table = table[multi]
+    if table.empty:
+        return []
+    panels = [c for c in ("top1 %", "latency mean ms (b=1)") if c in table and table[c].notna().any()]
+    fig, axes = new_figure(5.0 * len(panels), 4.0, ncols=len(panels))
+    labels = list(dict.fromkeys(table["label"] + " · " + table["device"]))
+    colors = _palette(labels)
+    for ax, col in zip(axes[0], panels):
+        for (label, device), sub in table.groupby(["label", "device"], sort=False):
+            sub = sub.dropna(subset=[col]).sort_values("exit")
+            key = f"{label} · {device}"
+            ax.plot(sub["exit"], sub[col], "-o", color=colors[key], label=mpl_text(key))
+        ax.set_xlabel("exit")
+        ax.set_ylabel(col)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].legend(fontsize=8)
+    return [save(fig, folder, "per_exit", "Accuracy and latency per exit",
+                 "Forced path to each exit: top-1 % on test and mean latency per call at batch 1 (ms).")]
+
+
+# ----- histograms --------------------------------------------------------------------------------
+
+def _pick_policies(sub: pd.DataFrame) -> list[tuple[str, Any]]:
+    keys = list(dict.fromkeys(zip(sub["policy"], sub["threshold"])))
+    special = [k for k in keys if pd.isna(k[1])]
+    swept = [k for k in keys if not pd.isna(k[1])]
+    room = max(0, MAX_POLICIES_PER_MODEL - len(special))
+    if len(swept) > room and room:
+        idx = np.unique(np.linspace(0, len(swept) - 1, room).round().astype(int))
+        swept = [swept[i] for i in idx]
+    return (special + swept[:room])[:MAX_POLICIES_PER_MODEL]
+
+
+def _policy_name(policy: str, threshold: Any) -> str:
+    return policy if pd.isna(threshold) else f"{policy}={float(threshold):g}"
+
+
+def _panels(n: int) -> tuple[int, int]:
+    cols = min(3, n)
+    return cols, int(np.ceil(n / cols))
+
+
+def plot_exit_histograms(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Share of test samples leaving at each exit, per model, for up to five policy settings
+    (``table``: :func:`reports.tables.exit_histograms`)."""
+    if table.empty:
+        return []
+    models = list(dict.fromkeys(zip(table["label"], table["dataset"], table["device"])))[:MAX_PANELS]
+    cols, rows = _panels(len(models))
+    fig, axes = new_figure(4.6 * cols, 3.4 * rows, ncols=cols, nrows=rows)
+    flat = [a for r in axes for a in r]
+    for ax, (label, dataset, device) in zip(flat, models):
+        sub = table[(table["label"] == label) & (table["dataset"] == dataset) & (table["device"] == device)]
+        chosen = _pick_policies(sub)
+        width = 0.8 / max(1, len(chosen))
+        for i, (policy, threshold) in enumerate(chosen):
+            mask = (sub["policy"] == policy) & ((sub["threshold"] == threshold) | (sub["threshold"].isna() & pd.isna(threshold)))
+            part = sub[mask].sort_values("exit")
+            ax.bar(part["exit"] + (i - (len(chosen) - 1) / 2) * width, part["fraction"], width=width,
+                   label=mpl_text(_policy_name(policy, threshold)))
+        ax.set_title(mpl_text(f"{label} ({dataset}, {device})"), fontsize=9)
+        ax.set_xlabel("exit")
+        ax.set_ylabel("fraction of samples")
+        ax.set_ylim(0, 1)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    for ax in flat[len(models):]:
+        ax.set_visible(False)
+    return [save(fig, folder, "exit_histograms", "Exit histograms",
+                 "Fraction of test samples leaving at each exit under a policy (up to five settings per model).")]
+
+
+def plot_skip_rates(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Share of samples skipping each gated block (``table``: :func:`reports.tables.skip_rates`)."""
+    if table.empty:
+        return []
+    models = list(dict.fromkeys(zip(table["label"], table["dataset"], table["device"], table["policy"])))[:MAX_PANELS]
+    fig, axes = new_figure(7.5, 3.8)
+    ax = axes[0][0]
+    width = 0.8 / len(models)
+    for i, (label, dataset, device, policy) in enumerate(models):
+        part = table[(table["label"] == label) & (table["dataset"] == dataset) & (table["device"] == device)
+                     & (table["policy"] == policy)].sort_values("block")
+        ax.bar(part["block"] + (i - (len(models) - 1) / 2) * width, part["skip rate"], width=width,
+               label=mpl_text(f"{label} ({device})"))
+    ax.set_xlabel("gated block")
+    ax.set_ylabel("skip rate")
+    ax.set_ylim(0, 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    return [save(fig, folder, "skip_rates", "Skip rate per gated block",
+                 "Fraction of test samples that skip each gated block (1 - gate execution rate).")]
+
+
+def plot_expert_load(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Share of routed tokens per expert, one heatmap (layer x expert) per routed model
+    (``table``: :func:`reports.tables.expert_loads`)."""
+    if table.empty:
+        return []
+    models = list(dict.fromkeys(zip(table["label"], table["dataset"], table["device"], table["policy"])))[:MAX_PANELS]
+    cols, rows = _panels(len(models))
+    fig, axes = new_figure(4.8 * cols, 3.2 * rows, ncols=cols, nrows=rows)
+    flat = [a for r in axes for a in r]
+    for ax, (label, dataset, device, policy) in zip(flat, models):
+        part = table[(table["label"] == label) & (table["dataset"] == dataset) & (table["device"] == device)
+                     & (table["policy"] == policy)]
+        grid = part.pivot_table(index="layer", columns="expert", values="load", aggfunc="first")
+        im = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=max(0.01, float(np.nanmax(grid.to_numpy(dtype=float)))),
+                       cmap="viridis", aspect="auto")
+        for (r, c), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+            if np.isfinite(v):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 * np.nanmax(grid.to_numpy()) else "black", fontsize=8)
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index])
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.grid(False)
+        ax.set_title(mpl_text(f"{label} ({device})"), fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    for ax in flat[len(models):]:
+        ax.set_visible(False)
+    return [save(fig, folder, "expert_load", "Expert load",
+                 "Share of routed tokens sent to each expert, per MoE layer (uniform = 1 / experts).")]
+
+
+# ----- FractalBrainNet patterns -------------------------------------------------------------------
+
+def plot_pattern_arrays(arrays: Sequence[tuple[str, str, np.ndarray]], folder: Path) -> list[Plot]:
+    """FractalBrainNet pattern images stored as .npy (``(model label, pattern name, array)``), in a grid."""
+    arrays = [(m, n, a) for m, n, a in arrays if a.ndim in (2, 3) and a.size][:MAX_PANELS]
+    if not arrays:
+        return []
+    cols, rows = _panels(len(arrays))
+    fig, axes = new_figure(3.4 * cols, 3.4 * rows, ncols=cols, nrows=rows)
+    flat = [a for r in axes for a in r]
+    for ax, (label, name, arr) in zip(flat, arrays):
+        img = arr if arr.ndim == 2 or arr.shape[-1] in (3, 4) else arr[0]
+        ax.imshow(np.asarray(img, dtype=float), cmap="magma", interpolation="nearest")
+        ax.set_title(mpl_text(f"{label}: {name}"), fontsize=9)
+        ax.set_axis_off()
+    for ax in flat[len(arrays):]:
+        ax.set_visible(False)
+    return [save(fig, folder, "fractal_patterns", "FractalBrainNet patterns", "Pattern images stored by FractalBrainNet cells (.npy artifacts).")]
+
+
+def plot_pattern_complexity(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Pattern complexity (nats) per fractal level (``table``: :func:`reports.tables.pattern_table`)."""
+    if table.empty:
+        return []
+    sub = table[(table["metric"] == "pattern_complexity") & table["level"].notna()]
+    if sub.empty:
+        return []
+    fig, axes = new_figure(6.0, 3.8)
+    ax = axes[0][0]
+    for (label, device), part in sub.groupby(["label", "device"], sort=False):
+        part = part.sort_values("level")
+        ax.plot(part["level"], part["value"], "-o", label=mpl_text(f"{label} ({device})"))
+    unit = sub["unit"].iloc[0] if sub["unit"].iloc[0] else "value"
+    ax.set_xlabel("fractal level")
+    ax.set_ylabel(f"pattern complexity ({unit})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    return [save(fig, folder, "pattern_complexity", "Pattern complexity per level",
+                 "FractalBrainNet pattern analysis on test images: complexity of the activations per fractal level.")]

@@ -1,0 +1,213 @@
+"""Run comparison: latency statistics (injected slowdown flagged, same-build noise not),
+accuracy in points, exact MACs/parameters, exit-histogram drift, thresholds, files and errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.cli import main as cli_main
+from reports.compare import (REGRESSION, Thresholds, compare, compare_main, compare_samples, exit_drift,
+                             write_baseline)
+
+from conftest import build_run, latency_samples, model_rows
+
+
+def rows(seed: int, models=("resnet20", "branchynet"), **options):
+    rng = np.random.default_rng(seed)
+    return [r for m in models for r in model_rows(m, rng, **options)]
+
+
+def regressions(result, metric=None):
+    return [r for r in result.regressions if metric is None or r.key["metric"] == metric]
+
+
+# ----- latency -----------------------------------------------------------------------------------
+
+def test_injected_20_percent_slowdown_is_flagged():
+    result = compare(rows(1), rows(2, latency_factor=1.2))
+    lat = [r for r in result.results if r.key["metric"] == "latency"]
+    assert len(lat) == 7 and all(r.status == REGRESSION for r in lat), [(r.change, r.note) for r in lat]
+    assert all(r.p_value < 1e-6 for r in lat)
+    assert {r.key["metric"] for r in result.regressions} == {"latency"}  # nothing else changed
+
+
+def test_injected_slowdown_detection_rate():
+    rng = np.random.default_rng(7)
+    hits = [compare_samples(latency_samples(rng, 1.0, 100), latency_samples(rng, 1.0, 100) * 1.2, 1.2, 0.01).regression
+            for _ in range(100)]
+    assert np.mean(hits) >= 0.95
+
+
+def test_same_build_false_alarm_rate_is_below_5_percent():
+    """200 pairs of runs of the same build (7 latency rows each, samples from the same noisy
+    distribution): a pair counts as a false alarm when any of its latency rows is flagged."""
+    alarms = [bool(regressions(compare(rows(2 * s), rows(2 * s + 1)), "latency")) for s in range(200)]
+    rate = float(np.mean(alarms))
+    print(f"false-alarm rate over 200 same-build pairs: {rate:.3f}")
+    assert rate < 0.05
+
+
+def test_small_slowdowns_and_speedups_are_not_regressions():
+    result = compare(rows(1), rows(2, latency_factor=1.05))
+    assert not regressions(result)
+    result = compare(rows(1), rows(2, latency_factor=0.7))
+    assert not regressions(result) and all(r.status == "improved" for r in result.results if r.key["metric"] == "latency")
+
+
+def test_without_samples_the_summary_statistics_are_tested():
+    slow = compare(rows(1, samples=False), rows(2, samples=False, latency_factor=1.3))
+    lat = [r for r in slow.results if r.key["metric"] == "latency"]
+    assert lat and all(r.status == REGRESSION and r.note.startswith("z-test") for r in lat)
+    same = [bool(regressions(compare(rows(s, samples=False), rows(s + 1000, samples=False)))) for s in range(50)]
+    assert np.mean(same) < 0.05
+
+
+def test_ratio_only_rule_without_samples_or_spread():
+    base = [{"model": "m", "dataset": "d", "device": "cpu", "batch_size": 1, "exit": 0, "metric": "latency", "value": 10.0, "p50": 9.0}]
+    cand = lambda p50: [dict(base[0], value=99.0, p50=p50)]  # noqa: E731 - p50 wins over the mean when both have it
+    assert compare(base, cand(9.0 * 1.25)).has_regression
+    assert not compare(base, cand(9.0 * 1.15)).has_regression
+    assert compare(base, cand(9.0 * 1.25)).results[0].note.startswith("ratio only (p50)")
+
+
+def test_memory_growth_beyond_ratio_fails():
+    # fixture peaks: resnet20 3.2 MiB, branchynet 1.5 MiB (single numbers: the ratio-only rule)
+    grown = regressions(compare(rows(1), rows(1, memory_factor=1.5)), "memory_peak_activations")
+    assert sorted(r.key["model"] for r in grown) == ["branchynet", "resnet20"]
+    assert not regressions(compare(rows(1), rows(1, memory_factor=1.1)))
+    # x1.3 of 1.5 MiB is 0.45 MiB: below the 0.5 MiB floor; of 3.2 MiB it is 0.96 MiB
+    assert [r.key["model"] for r in regressions(compare(rows(1), rows(1, memory_factor=1.3)))] == ["resnet20"]
+
+
+# ----- accuracy, exact counts, exit drift, failures ----------------------------------------------------
+
+def test_accuracy_drop_beyond_threshold_fails():
+    bad = compare(rows(1), rows(1, top1_shift=-1.5))
+    assert {r.key["metric"] for r in bad.regressions} == {"top1", "policy_top1"}
+    assert all(r.change == "-1.50 pts" for r in regressions(bad, "top1"))
+    assert not compare(rows(1), rows(1, top1_shift=-0.5)).has_regression
+    assert not compare(rows(1), rows(1, top1_shift=+3.0)).has_regression
+
+
+def test_changed_mac_count_fails():
+    result = compare(rows(1), rows(1, macs_delta=1))
+    assert {r.key["metric"] for r in result.regressions} == {"macs", "flops"}
+    assert regressions(result, "macs")[0].change == "+1"
+
+
+def test_changed_parameter_count_fails():
+    cand = rows(1)
+    for r in cand:
+        if r["metric"] == "params" and r["model"] == "resnet20":
+            r["value"] += 10
+    assert [r.key["model"] for r in regressions(compare(rows(1), cand), "params")] == ["resnet20"]
+
+
+def test_exit_drift_chi_square_on_hand_counts():
+    assert exit_drift([500, 300, 200], [500, 300, 200]) == pytest.approx(1.0)
+    assert exit_drift([500, 300, 200], [400, 350, 250]) < 1e-4
+    assert exit_drift([500, 300, 200], [480, 310, 210]) > 0.5
+    assert exit_drift([1000, 0, 0], [1000, 0]) == 1.0  # one exit used: nothing to test
+
+
+def test_exit_histogram_drift_is_detected():
+    drifted = compare(rows(1), rows(1, exit_shift=0.05))
+    hist = regressions(drifted, "exit histogram")
+    assert hist and all(r.key["policy"] == "confidence" for r in hist)
+    assert not regressions(compare(rows(1), rows(1, exit_shift=0.005)), "exit histogram")
+
+
+def test_failed_candidate_cell_is_a_regression(tmp_path):
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False)
+    cand = build_run(tmp_path / "c", models=(), failed=True)
+    result = compare(base, cand)
+    failed = regressions(result, "error")
+    assert failed and "out of memory" in failed[0].note
+    assert any(r.status == "missing" and r.key["metric"] == "top1" for r in result.results)
+
+
+# ----- thresholds -------------------------------------------------------------------------------
+
+def test_thresholds_from_the_suite_compare_section_and_arguments(tmp_path):
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5,
+                     compare={"accuracy_points": 2.0})
+    assert not compare(base, cand).has_regression  # the suite allows 2 points
+    assert compare(base, cand, accuracy_points=1.0).has_regression  # an argument overrides the suite
+    assert compare(base, cand, Thresholds(accuracy_points=1.0)).thresholds.accuracy_points == 1.0
+    with pytest.raises(ValueError, match="unknown compare threshold.*latency_ratio"):
+        compare(base, cand, latency_ration=1.1)
+    with pytest.raises(ValueError, match="p_value"):
+        Thresholds(p_value=2)
+
+
+# ----- files, paths and the command ----------------------------------------------------------------------
+
+def test_baseline_file_round_trip(tmp_path):
+    base = build_run(tmp_path / "base", seed=1)
+    path = write_baseline(base, tmp_path / "baseline_smoke.json")
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["suite"]["name"] == "smoke" and len(data["rows"]) > 50
+    lat = next(r for r in data["rows"] if r["metric"] == "latency")
+    assert len(json.loads(lat["detail"])["samples"]) == 100
+    assert not compare(path, build_run(tmp_path / "same", seed=2)).has_regression
+    assert regressions(compare(path, build_run(tmp_path / "slow", seed=3, latency_factor=1.25)), "latency")
+    # a run's results.json has the same form
+    assert not compare(base / "results.json", base).has_regression
+
+
+def test_bad_paths_raise_clear_value_errors(tmp_path):
+    run = build_run(tmp_path / "run", models=("resnet20",), failed=False)
+    with pytest.raises(ValueError, match=r"baseline .*nope does not exist"):
+        compare(tmp_path / "nope", run)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="candidate .* is not a fractalbench run directory"):
+        compare(run, tmp_path / "plain")
+    (tmp_path / "x.json").write_text('{"rows": 1}')
+    with pytest.raises(ValueError, match="not a baseline JSON file"):
+        compare(tmp_path / "x.json", run)
+    (tmp_path / "v9.json").write_text('{"schema_version": 9, "rows": []}')
+    with pytest.raises(ValueError, match="schema_version 9"):
+        compare(tmp_path / "v9.json", run)
+
+
+def test_compare_main_prints_writes_markdown_and_returns_exit_code(tmp_path, capsys):
+    base = build_run(tmp_path / "b", models=("resnet20", "branchynet"), failed=False, seed=1)
+    same = build_run(tmp_path / "s", models=("resnet20", "branchynet"), failed=False, seed=2)
+    slow = build_run(tmp_path / "x", models=("resnet20", "branchynet"), failed=False, seed=3, latency_factor=1.3)
+    assert compare_main(base, same) == 0
+    assert "no regressions" in capsys.readouterr().out
+    md = tmp_path / "cmp.md"
+    assert compare_main(base, slow, md) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "Mann-Whitney U" in out and "7 regressions" in out
+    text = md.read_text()
+    assert "7 regression(s)" in text and "| REGRESSION |" in text and "<details>" in text
+    assert cli_main(["compare", str(base), str(slow)]) == 1
+    assert cli_main(["compare", str(base), str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_command_writes_a_baseline_and_takes_thresholds(tmp_path, capsys):
+    from reports.compare import main
+
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=2, top1_shift=-1.5)
+    assert main(["baseline", str(base), str(tmp_path / "bl.json"), "--metrics", "top1", "macs", "params"]) == 0
+    assert {r["metric"] for r in json.loads((tmp_path / "bl.json").read_text())["rows"]} == {"top1", "macs", "params"}
+    assert main(["compare", str(tmp_path / "bl.json"), str(cand)]) == 1
+    assert main(["compare", str(tmp_path / "bl.json"), str(cand), "--accuracy-points", "2"]) == 0
+    assert main(["compare", str(tmp_path / "nope.json"), str(cand)]) == 2
+
+
+def test_example_ci_workflow_gates_on_the_compare_exit_code():
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "ci-workflow.yml"
+    flow = yaml.safe_load(path.read_text())
+    steps = flow["jobs"]["accuracy-and-cost"]["steps"]
+    compare_step = next(s for s in steps if s.get("id") == "compare")
+    assert "fractalbench compare benchmarks/baseline_smoke.json runs/smoke --markdown compare.md" in compare_step["run"]
+    assert steps[-1]["if"] == "steps.compare.outputs.code != '0'" and "exit 1" in steps[-1]["run"]
+    assert any("GITHUB_STEP_SUMMARY" in s.get("run", "") for s in steps)
