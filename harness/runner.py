@@ -257,9 +257,11 @@ def _early_exit_points(ctx: CellContext) -> list[tuple[str, float | None, Any, d
             continue
         for budget in ctx.suite.budgets:
             target = budget * table.exits[-1]
-            fit = calibration.fit_to_budget(cfg.name, val_logits, list(table.exits), target, split="validation")
+            fit = calibration.fit_to_budget(cfg.name, val_logits, list(table.exits), target, split="validation",
+                                            val_labels=val_labels)
             detail = {"fitted_on": fit.fitted_on, "budget_fraction": budget, "budget_macs": target,
-                      "thresholds": list(fit.policy.thresholds), "validation_expected_macs": fit.expected_macs}
+                      "thresholds": list(fit.policy.thresholds), "validation_expected_macs": fit.expected_macs,
+                      "validation_top1": fit.accuracy, "meets_budget": fit.meets_budget}
             points.append((f"{cfg.name}@budget{budget:g}", None, fit.policy, detail))
     return points
 
@@ -280,6 +282,55 @@ def step_cost(ctx: CellContext) -> list[dict[str, Any]]:
             point = ctx.cache["point_fields"][key]
             rows.extend(oracle_rows(ctx.model, inputs, table, policy, num_samples=ctx.suite.cost.oracle_samples,
                                     seed=ctx.suite.seed, **{**ctx.fields, **point}))
+    return rows
+
+
+def step_attribute_sweep(ctx: CellContext) -> list[dict[str, Any]]:
+    """A second training stage per value of a model attribute (e.g. SkipNet's hybrid RL stage
+    over ``alpha``), each from the first stage's weights, each with its own checkpoint. Every
+    value is one operating point: test accuracy of the model's own dynamic decisions and its
+    expected MACs (cost table x trace), with policy = the attribute and threshold = the value."""
+    import copy
+
+    from harness.evaluate import run_policy, topk_accuracy
+    from harness.metrics.flops import expected_cost_rows
+    from harness.suites import sweep_train_config
+    from harness.train import train_model
+
+    entry = ctx.cell.model
+    sweep = entry.attribute_sweep
+    if sweep is None:
+        return []
+    cfg = sweep_train_config(ctx.suite, entry)
+    for attr in (sweep.attribute, *sweep.set):
+        if not hasattr(ctx.model, attr):
+            raise ValueError(f"model {entry.display!r} has no attribute {attr!r} for its attribute_sweep")
+    table = _cost_table(ctx)
+    bs, dev = ctx.suite.eval_batch_size, ctx.cell.device
+    folder = ctx.store.artifact_dir(ctx.cell.cell_id)
+    rows: list[dict[str, Any]] = []
+    for value in sweep.values:
+        model = copy.deepcopy(ctx.model)
+        for key, setting in sweep.set.items():
+            setattr(model, key, setting)
+        setattr(model, sweep.attribute, value)
+        point = {"policy": sweep.attribute, "threshold": value}
+        detail = {"stage": dict(sweep.set), "from": "first-stage weights", "fitted_on": "train"}
+        if cfg is not None and cfg.epochs > 0:
+            checkpoint = folder / f"stage2_{slug(sweep.attribute)}_{value:g}.pt"
+            spec = {**ctx.spec.to_dict(), "stage": {**sweep.set, sweep.attribute: value}}
+            result = train_model(model, ctx.splits.train, cfg, device=dev, checkpoint=checkpoint, spec=spec,
+                                 progress=ctx.cache.get("progress", False))
+            detail["epochs"] = cfg.epochs
+            rows.append(ctx.row("train_seconds", result.seconds, "s", split="train", **point,
+                                detail={"epochs": cfg.epochs, "resumed_from_epoch": result.resumed_from_epoch}))
+            for term, loss in (result.history[-1] if result.history else {}).items():
+                rows.append(ctx.row(f"train_loss_{term}", loss, "nats", split="train", **point))
+        logits, trace, labels = run_policy(model, ctx.splits.test, None, bs, dev)
+        rows.append(ctx.row("policy_top1", topk_accuracy(logits, labels, 1), "%", split="test", n=len(labels),
+                            **point, detail=detail))
+        rows.extend(expected_cost_rows(trace, table, sweep.attribute, **{**ctx.fields, "threshold": value, "split": "test"}))
+        del model
     return rows
 
 
@@ -361,6 +412,8 @@ def cell_steps(suite: Suite) -> list[Step]:
         steps.append(step_dynamic)
     if "cost" in m:
         steps.append(step_cost)
+    if m & {"accuracy", "sweep", "cost"}:
+        steps.append(step_attribute_sweep)
     if "latency" in m:
         steps.append(step_latency)
     if "memory" in m:

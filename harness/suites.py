@@ -26,14 +26,30 @@ class SuiteError(ValueError):
 
 
 @dataclass(frozen=True)
+class AttributeSweep:
+    """A second training stage run once per value of a model attribute, each started from the
+    first stage's weights (e.g. SkipNet's hybrid RL stage over ``alpha``). ``set``: attributes
+    set before the stage (e.g. ``training_stage: hybrid_rl``); ``train``: overrides of the
+    model's training settings for the stage. Each value gives one operating point (policy =
+    the attribute's name, threshold = the value)."""
+
+    attribute: str
+    values: tuple[float, ...]
+    set: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A model to run: registry name, builder options, an optional label (default: the name),
-    and per-model training overrides (e.g. more epochs or SkipNet's RL stage)."""
+    per-model training overrides (e.g. more epochs) and an optional attribute sweep (a second
+    training stage per value, e.g. SkipNet's alpha)."""
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     label: str = ""
     train: dict[str, Any] = field(default_factory=dict)
+    attribute_sweep: AttributeSweep | None = None
 
     @property
     def display(self) -> str:
@@ -281,7 +297,7 @@ def _dataset(c: _Checker, d: Any, where: str) -> DatasetConfig:
 def _model(c: _Checker, m: Any, where: str) -> ModelEntry:
     if isinstance(m, str):
         m = {"name": m}
-    mm = c.mapping(m, where, ("name", "kwargs", "label", "train"), required=("name",))
+    mm = c.mapping(m, where, ("name", "kwargs", "label", "train", "attribute_sweep"), required=("name",))
     name = c.text(mm["name"], f"{where}.name")
     from harness.registry import model_card
 
@@ -291,7 +307,29 @@ def _model(c: _Checker, m: Any, where: str) -> ModelEntry:
         raise c.fail(f"{where}.name", str(exc)) from None
     kwargs = c.mapping(mm.get("kwargs"), f"{where}.kwargs", tuple(mm.get("kwargs") or ()))
     train = c.mapping(mm.get("train"), f"{where}.train", TRAIN_FIELDS)
-    return ModelEntry(name, dict(kwargs), str(mm.get("label", "")), dict(train))
+    sweep = None
+    if mm.get("attribute_sweep") is not None:
+        sweep = _attribute_sweep(c, mm["attribute_sweep"], f"{where}.attribute_sweep")
+    return ModelEntry(name, dict(kwargs), str(mm.get("label", "")), dict(train), sweep)
+
+
+def _attribute_sweep(c: _Checker, s: Any, where: str) -> AttributeSweep:
+    sm = c.mapping(s, where, ("attribute", "values", "set", "train"), required=("attribute", "values"))
+    attribute = c.text(sm["attribute"], f"{where}.attribute")
+    if not attribute.isidentifier():
+        raise c.fail(f"{where}.attribute", f"must be a model attribute name, got {attribute!r}")
+    values = tuple(c.number(v, f"{where}.values[{i}]") for i, v in enumerate(c.seq(sm["values"], f"{where}.values")))
+    if not values:
+        raise c.fail(f"{where}.values", "needs at least one value")
+    if len(set(values)) != len(values):
+        raise c.fail(f"{where}.values", f"values must be distinct, got {list(values)}")
+    settings = c.mapping(sm.get("set"), f"{where}.set", tuple(sm.get("set") or ()))
+    for key in settings:
+        if not str(key).isidentifier():
+            raise c.fail(f"{where}.set.{key}", "must be a model attribute name")
+    train = c.mapping(sm.get("train"), f"{where}.train", TRAIN_FIELDS)
+    _train(c, train, f"{where}.train", 0)  # validate now, not halfway through a run
+    return AttributeSweep(attribute, values, dict(settings), dict(train))
 
 
 def _train(c: _Checker, t: Any, where: str, seed: int, base: TrainConfig | None = None) -> TrainConfig:
@@ -320,3 +358,12 @@ def train_config_for(suite: Suite, entry: ModelEntry) -> TrainConfig | None:
     if not entry.train:
         return suite.train
     return _train(_Checker(suite.path), entry.train, f"models[{entry.display}].train", suite.seed, suite.train)
+
+
+def sweep_train_config(suite: Suite, entry: ModelEntry) -> TrainConfig | None:
+    """Training settings of an attribute sweep's stage: the model's, then the sweep's overrides."""
+    base = train_config_for(suite, entry)
+    if base is None or entry.attribute_sweep is None:
+        return None
+    sweep = entry.attribute_sweep
+    return _train(_Checker(suite.path), sweep.train, f"models[{entry.display}].attribute_sweep.train", suite.seed, base)

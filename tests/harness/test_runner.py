@@ -87,3 +87,49 @@ def test_missing_dataset_fails_before_any_cell(tmp_path):
     with pytest.raises(DatasetError, match="dataset svhn"):
         run_suite(parse_suite(raw), tmp_path / "run")
     assert not (tmp_path / "run" / "cells").exists()
+
+
+def sweep_entry(**sweep):
+    return {"name": "skipnet38", "train": {"max_steps_per_epoch": 2},
+            "attribute_sweep": {"attribute": "alpha", "values": [0.1, 0.5], "set": {"training_stage": "hybrid_rl"},
+                                "train": {"lr": 0.0001}, **sweep}}
+
+
+def test_attribute_sweep_trains_a_second_stage_per_value(tmp_path):
+    summary = run_suite(suite([sweep_entry()], metrics=["accuracy", "cost"]), tmp_path)
+    assert summary.failed == [] and len(summary.finished) == 1
+    frame = load_run(tmp_path)
+    points = frame[(frame.metric == "policy_top1") & (frame.policy == "alpha")]
+    assert sorted(points.threshold) == [0.1, 0.5] and set(points.split) == {"test"}
+    # stage 2 ran the RL objective (the `set` attributes were applied), once per value
+    reinforce = frame[(frame.metric == "train_loss_reinforce") & (frame.policy == "alpha")]
+    assert sorted(reinforce.threshold) == [0.1, 0.5]
+    assert frame[(frame.metric == "train_loss_reinforce") & (frame.policy != "alpha")].empty  # stage 1 is supervised
+    cost = frame[(frame.metric == "expected_macs") & (frame.policy == "alpha")]
+    full = frame[(frame.metric == "macs") & (frame.exit == 0)].value.iloc[0]
+    assert sorted(cost.threshold) == [0.1, 0.5] and (cost.value <= full).all() and (cost.value > 0).all()
+    gates = frame[(frame.metric == "gate_rate") & (frame.policy == "alpha")]
+    assert len(gates) == 2 * 15  # skipnet38 has 15 gated blocks
+    artifacts = {p.name for p in (tmp_path / "artifacts").rglob("stage2_*.pt")}
+    assert artifacts == {"stage2_alpha_0.1.pt", "stage2_alpha_0.5.pt"}
+
+
+def test_attribute_sweep_of_a_missing_attribute_fails_the_cell(tmp_path):
+    entry = {"name": "resnet20", "train": {"max_steps_per_epoch": 1},
+             "attribute_sweep": {"attribute": "alpha", "values": [0.1]}}
+    summary = run_suite(suite([entry]), tmp_path)
+    assert len(summary.failed) == 1
+    frame = load_run(tmp_path)
+    assert "has no attribute 'alpha'" in frame[frame.metric == "error"].error.iloc[0]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"values": []}, "attribute_sweep.values': needs at least one value"),
+    ({"values": [0.1, 0.1]}, "values must be distinct"),
+    ({"attribute": "not an attr"}, "must be a model attribute name"),
+    ({"train": {"lr": "fast"}}, "attribute_sweep.train.lr': must be a number"),
+    ({"train": {"optimiser": "sgd"}}, "unknown field; allowed:"),
+])
+def test_attribute_sweep_validation(sweep, message):
+    with pytest.raises(SuiteError, match=message.replace("[", r"\[")):
+        suite([sweep_entry(**sweep)])
