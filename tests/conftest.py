@@ -12,6 +12,10 @@ measurement machinery is tested on every dynamic kind. Input: [N, 2, 4, 4]. MACs
   router 4->3 (16*12 = 192) and top-1 experts, expert e = (e+1) linears 4->4 (16*(e+1) MACs per
   token); head 4->5 = 20. Units: "base" = 128 + 2*192 + 20 = 532, "expert_l_e" = 16*(e+1) per token.
 
+Every test runs with one intra-op thread (``one_thread_session``, autouse): results do not depend
+on the machine's core count, and the 2-core CI machine is not oversubscribed (its tensors are small,
+so two threads mostly fight each other; measurement workers set their own threads).
+
 Fixtures: ``tiny_models`` (name -> class) and ``tiny_registry``, which registers them as
 ``tiny_two_exit``, ``tiny_gated`` and ``tiny_routed`` for one test (and gives a plugin file that
 does the same in a measurement worker process).
@@ -206,6 +210,15 @@ def register_tiny_models() -> None:
         if name not in known:
             card = ModelCard(family="test", paper="none: test model", dynamic_kind=cls.dynamic_kind, input_size=4)
             register_model(name, card=card)(lambda *, num_classes=5, in_chans=2, cls=cls: cls(num_classes, in_chans))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_session():
+    """``torch.set_num_threads(1)`` for the whole session; the previous count is restored at the end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
