@@ -7,7 +7,9 @@ recorded. SGD or Adam, step or cosine schedule, seeded shuffling, a checkpoint a
 Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs with DistributedDataParallel: each rank
 takes an interleaved shard of every global batch (DistributedSampler), so with a batch of B and
 W ranks the gradient equals single-process training on the same B samples (for models without
-batch statistics; BatchNorm sees per-rank batches).
+batch statistics; BatchNorm sees per-rank batches). Models where a step can leave parameters
+without a gradient (unchosen experts, closed gates, dropped FractalNet columns) are wrapped with
+``find_unused_parameters=True`` (see :func:`ddp_find_unused_parameters`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from harness.checkpoints import CheckpointError, read_checkpoint, load_model_state, save_checkpoint
-from harness.contract import LossTermsModule
+from harness.contract import LossTermsModule, dynamic_kind
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,23 @@ def distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+UNUSED_PARAMETER_KINDS = ("routed", "gated")
+"""Dynamic kinds whose training steps can leave parameters out (experts not chosen, blocks skipped)."""
+
+
+def ddp_find_unused_parameters(model: nn.Module) -> bool:
+    """Whether DistributedDataParallel must look for parameters that got no gradient in a step.
+
+    The model's own ``ddp_find_unused_parameters`` attribute when it sets one (FractalNet: drop-path
+    runs a single column for part of a batch), else True for routed and gated models. Without it DDP
+    fails on the next step ("Expected to have finished reduction in the prior iteration ...").
+    """
+    flag = getattr(model, "ddp_find_unused_parameters", None)
+    if flag is not None:
+        return bool(flag)
+    return dynamic_kind(model) in UNUSED_PARAMETER_KINDS
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -110,7 +129,7 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
     model.to(device)
     objective: nn.Module = LossTermsModule(model)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective)
+        objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=ddp_find_unused_parameters(model))
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)  # type: ignore[arg-type]
     loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True, num_workers=0)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)

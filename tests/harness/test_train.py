@@ -10,7 +10,7 @@ from harness.checkpoints import CheckpointError, load_checkpoint, read_checkpoin
 from harness.data import DatasetConfig, load_dataset
 from harness.evaluate import collect_exit_logits, topk_accuracy
 from harness.registry import create_model
-from harness.train import TrainConfig, TrainingError, train_model
+from harness.train import TrainConfig, TrainingError, ddp_find_unused_parameters, train_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,3 +100,32 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
     for name, w in one["model"].items():
         assert torch.allclose(w, two["model"][name], atol=1e-5), name
     assert abs(one["extra"]["top1"] - two["extra"]["top1"]) <= 0.6  # at most two test samples differ
+
+
+def test_ddp_looks_for_unused_parameters_where_a_step_can_leave_some_out(tiny_models):
+    assert ddp_find_unused_parameters(tiny_models["tiny_routed"]()) is True   # unchosen experts
+    assert ddp_find_unused_parameters(tiny_models["tiny_gated"]()) is True    # closed gates
+    assert ddp_find_unused_parameters(tiny_models["tiny_two_exit"]()) is False
+    assert ddp_find_unused_parameters(create_model("resnet20")) is False
+    with torch.device("meta"):  # FractalNet says so itself (drop-path); no need to allocate 34M weights
+        assert ddp_find_unused_parameters(create_model("fractalnet20")) is True
+    routed = tiny_models["tiny_routed"]()
+    routed.ddp_find_unused_parameters = False  # the model's own answer wins
+    assert ddp_find_unused_parameters(routed) is False
+
+
+def test_ddp_two_processes_train_a_moe_whose_experts_are_not_all_chosen(tmp_path):
+    # 4x4 digits leave one token per image after ResNet-20's two stride-2 stages: a rank's 8 images
+    # choose at most 8 of the 16 top-1 experts, so every step leaves experts without a gradient,
+    # which plain DDP rejects on the next step ("Expected to have finished reduction ...").
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "moe.pt"
+    kwargs = '{"num_experts": 16, "k": 1, "expansion": 1, "moe_layers": 1}'
+    args = ["--model", "moe_resnet20_top2", "--kwargs", kwargs, "--image-size", "4", "--epochs", "1",
+            "--batch-size", "16", "--lr", "0.05", "--no-augment", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "harness.distributed", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(out, weights_only=True)
+    assert state["extra"]["world_size"] == 2
+    assert all(torch.isfinite(w).all() for w in state["model"].values() if w.is_floating_point())
