@@ -65,14 +65,94 @@ def _addbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) 
     return 2 * b * m * k * b_shape[2]
 
 
+def _raw(formula: Callable[..., int]) -> Callable[..., int]:
+    """Mark a formula as taking the op's raw arguments (tensors, not shapes), as torch's own do."""
+    formula._get_raw = True  # type: ignore[attr-defined]
+    return formula
+
+
+def _prod(dims: Any) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Fused scaled-dot-product attention, any batch/head dims [..., L, E] x [..., S, E] x [..., S, Ev]:
+    Q K^T (L*S*E MACs) and A V (L*S*Ev MACs) per batch-head (GQA: key/value heads are broadcast)."""
+    *batch, length, e = query_shape
+    source, e_v = key_shape[-2], value_shape[-1]
+    return 2 * _prod(batch) * length * source * (e + e_v)
+
+
+def _sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Its backward, as torch counts the other fused kernels': recompute Q K^T, dA = dO V^T,
+    dV = A^T dO, dQ = dS K, dK = dS^T Q: L*S*(3E + 2Ev) MACs per batch-head."""
+    *batch, length, e = query_shape
+    source, e_v = key_shape[-2], value_shape[-1]
+    return 2 * _prod(batch) * length * source * (3 * e + 2 * e_v)
+
+
+def _sequence_lengths(t: Tensor) -> list[int]:
+    """Token count of every sequence of a [B, L, E] / [L, E] tensor, or of a nested tensor's
+    sequences (its padding is not work a sample needs)."""
+    if t.is_nested:
+        return [int(size[0]) for size in t._nested_tensor_size().tolist()]
+    if t.dim() == 2:
+        return [int(t.shape[0])]
+    return [int(t.shape[-2])] * _prod(t.shape[:-2])
+
+
+def _attention_block_macs(lq: list[int], lk: list[int], embed_dim: int, proj_weight: Tensor) -> int:
+    """MACs of multi-head attention with its projections (heads do not change the count):
+    Q, K, V projections (E x E each, per query/key token), Q K^T and A V (L*S*E each, summed
+    over heads: H * L * S * E/H), output projection."""
+    e = int(embed_dim)
+    in_proj = (sum(lq) + 2 * sum(lk)) * e * e
+    attention = 2 * sum(q * k for q, k in zip(lq, lk)) * e
+    out_proj = sum(lq) * int(proj_weight.shape[0]) * int(proj_weight.shape[1])
+    return in_proj + attention + out_proj
+
+
+@_raw
+def _native_mha_flop(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias, *args,
+                     out_val=None, **kwargs) -> int:
+    """``nn.MultiheadAttention``'s fused fast path (eval, no grad): projections + attention."""
+    return 2 * _attention_block_macs(_sequence_lengths(query), _sequence_lengths(key), embed_dim, proj_weight)
+
+
+@_raw
+def _transformer_encoder_layer_flop(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, *args,
+                                    out_val=None, **kwargs) -> int:
+    """``nn.TransformerEncoderLayer``'s fused fast path: self-attention block + feed-forward
+    (E -> F -> E per token). Arguments after ``proj_bias``: use_gelu, norm_first, eps, the two
+    norms' weights and biases, then ffn_weight_1, ffn_bias_1, ffn_weight_2."""
+    ffn_weight_1 = args[7] if len(args) > 7 else kwargs["ffn_weight_1"]
+    ffn_weight_2 = args[9] if len(args) > 9 else kwargs["ffn_weight_2"]
+    lengths = _sequence_lengths(src)
+    ffn = sum(lengths) * (ffn_weight_1.numel() + ffn_weight_2.numel())
+    return 2 * (_attention_block_macs(lengths, lengths, embed_dim, proj_weight) + ffn)
+
+
 EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
     aten.mv: _mv_flop,
     aten.dot: _dot_flop,
     aten.vdot: _dot_flop,
     aten.addmv: _addmv_flop,
     aten.addbmm: _addbmm_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flop,
+    aten._scaled_dot_product_fused_attention_overrideable: _sdpa_flop,
+    aten._scaled_dot_product_fused_attention_overrideable_backward: _sdpa_backward_flop,
+    aten._scaled_dot_product_attention_math_for_mps: _sdpa_flop,
+    aten._native_multi_head_attention: _native_mha_flop,
+    aten._transformer_encoder_layer_fwd: _transformer_encoder_layer_flop,
 }
-"""Matrix-vector and vector products that torch's flop registry lacks (FLOPs = 2 x MACs)."""
+"""Ops that torch's flop registry lacks (FLOPs = 2 x MACs): matrix-vector and vector products,
+the CPU (and out-of-tree/MPS) fused attention kernels behind ``F.scaled_dot_product_attention``,
+and the fused fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` in eval
+mode without grad, counted as the same layers written with explicit matmuls."""
 
 ZERO_MAC_CATEGORIES: dict[str, tuple[str, ...]] = {
     "metadata and scalars": (
@@ -85,7 +165,9 @@ ZERO_MAC_CATEGORIES: dict[str, tuple[str, ...]] = {
         "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "expand_as", "permute", "transpose",
         "t", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_", "slice", "select", "narrow", "as_strided",
         "alias", "detach", "detach_", "split", "split_with_sizes", "unbind", "chunk", "flatten", "unflatten",
-        "diagonal", "movedim", "view_as", "unfold", "lift_fresh", "_reshape_copy",
+        "diagonal", "movedim", "view_as", "unfold", "lift_fresh", "_reshape_copy", "as_strided_", "resolve_conj",
+        "resolve_neg", "_nested_tensor_size", "_nested_tensor_from_mask", "_nested_tensor_from_mask_left_aligned",
+        "to_padded_tensor",
     ),
     "copies, creation and randomness": (
         "clone", "contiguous", "copy", "copy_", "_to_copy", "to", "lift_fresh_copy", "cat", "stack", "flip",

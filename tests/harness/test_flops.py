@@ -9,7 +9,7 @@ from torch import nn
 from harness import contract
 from harness.early_exit import EarlyExitNetwork
 from harness.metrics import (
-    ZERO_MAC_OPS, build_cost_table, cost_rows, count_macs, expected_macs, fvcore_count, oracle_check, oracle_rows,
+    ZERO_MAC_OPS, MacCounter, build_cost_table, cost_rows, count_macs, expected_macs, fvcore_count, oracle_check, oracle_rows,
     parameter_counts, trace_histograms,
 )
 from harness.policies import ConfidencePolicy
@@ -50,6 +50,75 @@ def test_linear_matmul_and_vector_products_by_hand():
     assert count_macs(torch.dot, v, v).total == 4
     assert count_macs(torch.addmv, torch.zeros(5), m, v).total == 20
     assert count_macs(torch.addbmm, torch.zeros(3, 5), a, b).total == 6 * 3 * 4 * 5
+
+
+def explicit_attention(mha, q, k, v):
+    """``nn.MultiheadAttention(q, k, v)[0]`` (batch first) written with explicit matmuls."""
+    (n, length, e), s, h = q.shape, k.shape[1], mha.num_heads
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    heads = lambda t, w, b, m: F.linear(t, w, b).view(n, m, h, e // h).transpose(1, 2)  # noqa: E731
+    qh, kh, vh = heads(q, wq, bq, length), heads(k, wk, bk, s), heads(v, wv, bv, s)
+    attn = torch.softmax(torch.matmul(qh, kh.transpose(-2, -1)) / (e // h) ** 0.5, -1)
+    return mha.out_proj(torch.matmul(attn, vh).transpose(1, 2).reshape(n, length, e))
+
+
+def test_multi_head_attention_by_hand_in_train_and_fused_eval_mode():
+    b, length, e, h = 2, 5, 8, 2
+    # Q, K, V projections 3*B*L*E^2; Q K^T and A V: B*H*L*L*(E/H) each; output projection B*L*E^2
+    hand = 3 * b * length * e * e + 2 * b * h * length * length * (e // h) + b * length * e * e
+    assert hand == 3360
+    torch.manual_seed(0)
+    mha, x = nn.MultiheadAttention(e, h, batch_first=True), torch.randn(b, length, e)
+    with torch.no_grad():
+        assert torch.allclose(explicit_attention(mha, x, x, x), mha(x, x, x)[0], atol=1e-6)
+    assert count_macs(lambda: explicit_attention(mha, x, x, x)).total == hand
+    mha.train()
+    train = count_macs(mha, x, x, x)
+    mha.eval()
+    fused = count_macs(mha, x, x, x)  # eval + no grad: one opaque op, the fast path
+    assert fused.op_calls.get("aten._native_multi_head_attention") == 1, fused.op_calls
+    fused_no_weights = count_macs(lambda: mha(x, x, x, need_weights=False))
+    mha.train()
+    sdpa = count_macs(lambda: mha(x, x, x, need_weights=False))  # attention by F.scaled_dot_product_attention
+    for count in (train, fused, fused_no_weights, sdpa):
+        assert count.total == hand and count.unsupported_ops == {}, count
+
+
+def test_fused_attention_kernels_by_hand():
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
+    assert count_macs(F.scaled_dot_product_attention, q, k, v).total == 2 * 3 * 5 * 7 * (4 + 6)
+    assert count_macs(lambda: torch.matmul(torch.softmax(q @ k.transpose(-2, -1), -1), v)).total == 2 * 3 * 5 * 7 * (4 + 6)
+    # training (CPU flash kernel): forward L*S*2E, backward recomputes Q K^T then four products, L*S*5E
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    with MacCounter() as counter:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    count = counter.result()
+    assert count.op_calls.get("aten._scaled_dot_product_flash_attention_for_cpu_backward") == 1, count.op_calls
+    assert count.total == 2 * 3 * 5 * 5 * (2 * 4) + 2 * 3 * 5 * 5 * (5 * 4) and count.unsupported_ops == {}
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_transformer_encoder_fast_path_by_hand_also_on_nested_tensors():
+    b, length, e, h, ffn = 2, 5, 8, 2, 16
+    per_token = 3 * e * e + e * e + 2 * e * ffn  # projections + feed-forward
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(e, h, ffn, dropout=0.0, batch_first=True)
+    x = torch.randn(b, length, e)
+    hand = b * length * per_token + 2 * b * length * length * e
+    layer.train()
+    assert count_macs(layer, x).total == hand
+    layer.eval()
+    fused = count_macs(layer, x)
+    assert fused.op_calls.get("aten._transformer_encoder_layer_fwd") == 1 and fused.total == hand
+    # with a padding mask the encoder runs nested tensors: only the real tokens are computed
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    pad = torch.zeros(b, length, dtype=torch.bool)
+    pad[1, 3:] = True
+    nested = count_macs(lambda: encoder(x, src_key_padding_mask=pad))
+    lengths = (5, 3)
+    assert nested.total == 2 * sum(n * per_token + 2 * n * n * e for n in lengths)
+    assert nested.unsupported_ops == {}
 
 
 def test_zero_mac_ops_are_free_and_the_rest_is_listed():
