@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -34,8 +34,36 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a device; allowed: cpu, cuda, cuda:N")
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line ``fractalbench: error: ...``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(EXIT_USAGE, f"fractalbench: error: {' '.join(message.split())}{hint}\n")
+
+
+# `fractalbench compare` options -> reports.compare.Thresholds fields: (metavar, what fails, default)
+COMPARE_THRESHOLDS = {
+    "accuracy_points": ("POINTS", "fail on a drop of top-1/top-5/policy top-1 by more than POINTS percentage points", "1"),
+    "latency_ratio": ("RATIO", "fail on a latency slowdown candidate/baseline of RATIO, >= 1", "1.2"),
+    "memory_ratio": ("RATIO", "fail on a memory growth candidate/baseline above RATIO, >= 1", "1.2"),
+    "p_value": ("P", "significance level of the latency/memory tests, in (0, 1)", "0.01"),
+    "exit_drift_p_value": ("P", "significance level of the exit-histogram chi-square test, in (0, 1)", "0.01"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fractalbench", description="Train and measure dynamic neural networks through suites.")
+    parser = _Parser(prog="fractalbench", description="Train and measure dynamic neural networks through suites.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -77,10 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
     p.add_argument("--out", type=Path, default=None, help="HTML file (default: <first run>/report.html)")
 
-    p = sub.add_parser("compare", help="compare two runs metric by metric; exit 1 on a regression")
-    p.add_argument("baseline", type=Path)
-    p.add_argument("candidate", type=Path)
-    p.add_argument("--markdown", type=Path, default=None, help="also write the comparison as Markdown")
+    p = sub.add_parser("compare", help="compare two runs metric by metric; exit 1 on a regression",
+                       description="Compare CANDIDATE with BASELINE (run directories or baseline JSON files) metric by "
+                                   "metric. Thresholds: the defaults, then the suites' `compare:` sections, then these "
+                                   "options. Exit 0: no regression; 1: a regression; 2: bad input.")
+    p.add_argument("baseline", type=Path, help="run directory or baseline JSON file (see `fractalbench baseline`)")
+    p.add_argument("candidate", type=Path, help="run directory or baseline JSON file")
+    p.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                   help="also write the comparison as Markdown (a CI job summary or pull-request comment)")
+    p.add_argument("--all", action="store_true", help="print every compared metric, not only the changes")
+    for name, (metavar, text, default) in COMPARE_THRESHOLDS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_finite_float, default=None, metavar=metavar,
+                       help=f"{text} (default: the suite's `compare: {name}`, else {default})")
+
+    p = sub.add_parser("baseline", help="write a committed baseline file (JSON) from a run, for `compare`",
+                       description="Write RUN's rows to FILE, the baseline `fractalbench compare FILE CANDIDATE` reads. "
+                                   "By default only machine-independent metrics are kept (accuracy, exit fractions, "
+                                   "parameters and MAC/FLOP counts, failed cells), so a baseline written on one machine "
+                                   "gates runs on another; latency and memory only compare on the same machine.")
+    p.add_argument("run", type=Path, help="run directory (written by `fractalbench run`)")
+    p.add_argument("out", type=Path, metavar="FILE", help="baseline JSON file to write (replaced atomically)")
+    p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
+                   help="keep these metrics instead (e.g. top1 macs latency), or `all` for every row")
     return parser
 
 
@@ -225,10 +271,55 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
-        from reports.compare import compare_main
+        from reports.compare import Thresholds, compare_main
     except ImportError:
         raise CliError("run comparison is not available in this build") from None
-    return compare_main(args.baseline, args.candidate, args.markdown)
+    given = {name: getattr(args, name) for name in COMPARE_THRESHOLDS if getattr(args, name) is not None}
+    for name, value in given.items():
+        try:
+            Thresholds(**{name: value})
+        except ValueError as exc:
+            raise CliError(f"argument --{name.replace('_', '-')}: {exc}") from None
+    if args.markdown is not None and args.markdown.is_dir():
+        raise CliError(f"--markdown {args.markdown} is a directory; give a file name, e.g. {args.markdown / 'compare.md'}")
+    try:
+        return compare_main(args.baseline, args.candidate, args.markdown, thresholds=given, verbose=args.all)
+    except OSError as exc:  # e.g. the Markdown file cannot be written
+        raise CliError(f"{exc.strerror or exc}: {exc.filename or args.markdown}") from None
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    try:
+        from reports.compare import MACHINE_INDEPENDENT_METRICS, load_source, write_baseline
+    except ImportError:
+        raise CliError("run comparison is not available in this build") from None
+    if not (args.run / "cells").is_dir():
+        raise CliError(f"{args.run} is not a fractalbench run directory (no cells/ folder)")
+    if args.out.is_dir():
+        raise CliError(f"{args.out} is a directory; give the baseline file name, e.g. {args.out / 'baseline.json'}")
+    present = {str(r.get("metric")) for r in load_source(args.run, "run").rows}
+    if args.metrics == ["all"]:
+        metrics = None
+    elif args.metrics:
+        unknown = sorted(set(args.metrics) - present)
+        if unknown:
+            raise CliError(f"run {args.run} has no rows of metric(s) {', '.join(unknown)}; it has: {', '.join(sorted(present))}")
+        metrics = set(args.metrics)
+    else:
+        metrics = set(MACHINE_INDEPENDENT_METRICS)
+        if not present & metrics:
+            raise CliError(f"run {args.run} has no machine-independent rows ({', '.join(sorted(metrics))}); "
+                           f"choose with --metrics from: {', '.join(sorted(present))}")
+    try:
+        path = write_baseline(args.run, args.out, metrics=metrics)
+    except OSError as exc:
+        raise CliError(f"cannot write the baseline {args.out}: {exc.strerror or exc}") from None
+    import json
+
+    rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    kept = sorted({str(r.get("metric")) for r in rows})
+    print(f"baseline: {path} ({len(rows)} rows; metrics: {', '.join(kept)})")
+    return EXIT_OK
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -237,7 +328,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return tabulate(rows, headers=header, tablefmt="simple")
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "evaluate": cmd_evaluate, "report": cmd_report, "compare": cmd_compare}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "evaluate": cmd_evaluate,
+            "report": cmd_report, "compare": cmd_compare, "baseline": cmd_baseline}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,9 @@ Either side is a run directory, a committed baseline file (JSON ``{"schema_versi
 "rows": [...]}`` as written by :func:`write_baseline`; a run's ``results.json`` has the same form)
 or a list of rows. Rows are matched on model, variant, dataset, device, batch size, exit, policy,
 threshold, split and metric (plus ``gate`` / ``layer`` + ``expert`` / ``cost_unit`` from detail for
-gate_rate / expert_load / unit_macs rows).
+gate_rate / expert_load / unit_macs rows). A baseline file written with a metric filter (``fractalbench
+baseline`` keeps the machine-independent metrics by default) records it, and the candidate's rows of
+other metrics (latency, memory, ...) are then left out rather than listed as new.
 
 Rules (thresholds: suite ``compare`` section, then arguments; defaults in :class:`Thresholds`)
 -------------------------------------------------------------------------------------------------
@@ -63,6 +65,9 @@ LATENCY_METRICS = frozenset({"latency", "latency_masked"})
 MEMORY_METRICS = frozenset({"memory_peak_activations", "memory_weights", "memory_peak_allocated", "memory_peak_reserved",
                             "memory_peak_torch"})
 DRIFT_METRICS = frozenset({"exit_fraction"})
+# What a committed baseline keeps by default (`fractalbench baseline`): numbers that do not depend on
+# the machine that measured them. Latency and memory only compare between runs on one machine.
+MACHINE_INDEPENDENT_METRICS = ACCURACY_METRICS | EXACT_METRICS | DRIFT_METRICS | {"error"}
 KEY_FIELDS = ("model", "variant", "dataset", "device", "batch_size", "exit", "policy", "threshold", "split", "metric")
 DETAIL_KEYS = {"gate_rate": ("gate",), "expert_load": ("layer", "expert"), "unit_macs": ("cost_unit",)}
 BASELINE_DETAIL_KEYS = ("samples", "count", "exit_counts", "gate", "layer", "expert", "cost_unit", "thresholds", "fitted_on")
@@ -129,6 +134,7 @@ class Source:
     rows: list[dict[str, Any]]
     compare: dict[str, Any] = field(default_factory=dict)
     suite: dict[str, Any] = field(default_factory=dict)
+    metrics: frozenset[str] | None = None  # a baseline file written with a metric filter: the metrics it kept
 
 
 def load_source(source: Path | str | Sequence[Mapping[str, Any]] | Source, what: str = "input") -> Source:
@@ -166,7 +172,10 @@ def _load_file(path: Path, what: str) -> Source:
     if data["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"{what} {path} has schema_version {data['schema_version']!r}; this fractalbench reads {SCHEMA_VERSION}")
     suite = data.get("suite") if isinstance(data.get("suite"), dict) else {}
-    return Source(str(path), [dict(r) for r in data["rows"] if isinstance(r, dict)], dict(data.get("compare") or {}), suite)
+    kept = data.get("metrics")
+    metrics = frozenset(str(m) for m in kept) if isinstance(kept, list) else None
+    return Source(str(path), [dict(r) for r in data["rows"] if isinstance(r, dict)], dict(data.get("compare") or {}), suite,
+                  metrics)
 
 
 def _trim_detail(detail: Any) -> Any:
@@ -178,7 +187,8 @@ def _trim_detail(detail: Any) -> Any:
 def write_baseline(run_dir: Path | str, path: Path | str, *, metrics: Iterable[str] | None = None) -> Path:
     """Write the committed baseline of a run: JSON with ``schema_version``, the suite's identity and
     ``compare`` thresholds, a short environment summary and the rows (detail trimmed to what the
-    comparison uses, e.g. latency ``samples``). ``metrics``: keep only these metrics."""
+    comparison uses, e.g. latency ``samples``). ``metrics``: keep only these metrics (recorded in the
+    file; comparing against it then ignores the candidate's rows of other metrics)."""
     source = load_source(run_dir, "run")
     if not Path(run_dir).is_dir():
         raise ValueError(f"write_baseline needs a run directory, got {run_dir}")
@@ -194,6 +204,7 @@ def write_baseline(run_dir: Path | str, path: Path | str, *, metrics: Iterable[s
     atomic_write_json(out, {"schema_version": SCHEMA_VERSION, "kind": "fractalbench-baseline",
                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             "source_run": str(run_dir), "suite": source.suite, "compare": source.compare,
+                            "metrics": sorted(keep) if keep is not None else None,
                             "environment": env_summary, "rows": rows})
     return out
 
@@ -498,7 +509,13 @@ def compare(baseline: Any, candidate: Any, thresholds: Thresholds | Mapping[str,
     if base.suite.get("digest") and cand.suite.get("digest") and base.suite.get("digest") != cand.suite.get("digest"):
         warnings.append(f"the suites differ (baseline {base.suite.get('name')} {base.suite.get('digest')}, "
                         f"candidate {cand.suite.get('name')} {cand.suite.get('digest')}); only matching rows are compared")
-    results = _compare_rows(base.rows, cand.rows, th)
+    cand_rows = cand.rows
+    if base.metrics is not None:  # a filtered baseline: the candidate's other metrics are not compared
+        cand_rows = [r for r in cand.rows if r.get("metric") in base.metrics or r.get("metric") == "error"]
+        if len(cand_rows) < len(cand.rows):
+            warnings.append(f"the baseline keeps only {', '.join(sorted(base.metrics))}; "
+                            f"{len(cand.rows) - len(cand_rows)} candidate rows of other metrics are not compared")
+    results = _compare_rows(base.rows, cand_rows, th)
     if not any(r.status not in (MISSING, NEW) for r in results) and base.rows and cand.rows:
         warnings.append("no row of the candidate matches a row of the baseline (different models, datasets or devices?)")
     return Comparison(base.label, cand.label, th, results, warnings)

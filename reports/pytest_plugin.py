@@ -1,7 +1,10 @@
 """pytest-benchmark over registered models: the ``benchmark_model`` fixture.
 
-Enable it with ``-p reports.pytest_plugin`` on the command line or ``pytest_plugins =
-["reports.pytest_plugin"]`` in a root ``conftest.py``, then::
+Installing fractalbench registers this module under pytest's ``pytest11`` entry point (named
+``reports.pytest_plugin``, like the module), so every pytest session in that environment has the
+fixture; ``-p reports.pytest_plugin`` or ``pytest_plugins = ["reports.pytest_plugin"]`` still
+work (the plugin is found already registered, not loaded twice) and ``-p
+no:reports.pytest_plugin`` switches it off. Then::
 
     def test_resnet20_b1(benchmark_model):
         benchmark_model("resnet20", batch_size=1)

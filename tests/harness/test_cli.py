@@ -43,10 +43,28 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     (["profile", "resnet20", "--batch-size", "0"], "must be >= 1, got 0"),
     (["list", "things"], "invalid choice: 'things'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["compare", "a"], "the following arguments are required: candidate"),
+    (["compare", "a", "b", "--latency-ratio", "fast"], "argument --latency-ratio: 'fast' is not a number"),
+    (["baseline", "runs/smoke"], "the following arguments are required: FILE"),
 ])
 def test_bad_cli_values_exit_2(capsys, argv, message):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and message in err and "Traceback" not in err
+    assert err.startswith("fractalbench: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_compare_options_are_the_comparison_thresholds():
+    """Every threshold of reports.compare has a `fractalbench compare` option, and the defaults the
+    help states are the real ones."""
+    from harness.cli import COMPARE_THRESHOLDS, build_parser
+    from reports.compare import Thresholds
+
+    assert tuple(COMPARE_THRESHOLDS) == Thresholds.names()
+    assert {n: float(d) for n, (_, _, d) in COMPARE_THRESHOLDS.items()} == vars(Thresholds())
+    args = build_parser().parse_args(["compare", "a", "b", "--accuracy-points", "0.5", "--latency-ratio", "1.5",
+                                      "--memory-ratio", "2", "--p-value", "0.05", "--exit-drift-p-value", "0.001"])
+    assert (args.accuracy_points, args.latency_ratio, args.memory_ratio, args.p_value, args.exit_drift_p_value) == \
+        (0.5, 1.5, 2.0, 0.05, 0.001)
 
 
 def test_corrupt_and_mismatched_checkpoint_via_cli(capsys, tmp_path):

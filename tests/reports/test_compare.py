@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from harness.cli import main as cli_main
-from reports.compare import (REGRESSION, Thresholds, compare, compare_main, compare_samples, exit_drift,
-                             write_baseline)
+from reports.compare import (MACHINE_INDEPENDENT_METRICS, REGRESSION, Thresholds, compare, compare_main,
+                             compare_samples, exit_drift, write_baseline)
 
 from conftest import build_run, latency_samples, model_rows
 
@@ -211,3 +211,166 @@ def test_example_ci_workflow_gates_on_the_compare_exit_code():
     assert "fractalbench compare benchmarks/baseline_smoke.json runs/smoke --markdown compare.md" in compare_step["run"]
     assert steps[-1]["if"] == "steps.compare.outputs.code != '0'" and "exit 1" in steps[-1]["run"]
     assert any("GITHUB_STEP_SUMMARY" in s.get("run", "") for s in steps)
+
+
+# ----- `fractalbench compare` / `fractalbench baseline` on the command line ------------------------------
+
+def cli(capsys, *argv):
+    """(exit code, stdout, stderr) of ``fractalbench ARGV`` run in this process."""
+    try:
+        code = cli_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse (--help)
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_accuracy_points_overrides_the_suite_and_the_default(tmp_path, capsys):
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5)
+    lenient = build_run(tmp_path / "l", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5,
+                        compare={"accuracy_points": 2.0})
+    # a 1.5-point drop: over the default 1 point, within 1.6 and within the suite's own 2 points
+    code, out, _ = cli(capsys, "compare", base, cand)
+    assert code == 1 and "REGRESSION" in out and "-1.50 pts" in out and "accuracy_points=1," in out
+    assert cli(capsys, "compare", base, cand, "--accuracy-points", "1.6")[0] == 0
+    assert cli(capsys, "compare", base, cand, "--accuracy-points", "1.4")[0] == 1
+    assert cli(capsys, "compare", base, lenient)[0] == 0
+    code, out, _ = cli(capsys, "compare", base, lenient, "--accuracy-points", "1")  # the option beats the suite
+    assert code == 1 and "1 regression " in out
+
+
+def test_cli_latency_memory_and_drift_thresholds(tmp_path, capsys):
+    base = build_run(tmp_path / "b", models=("resnet20", "branchynet"), failed=False, seed=1)
+    slow = build_run(tmp_path / "s", models=("resnet20", "branchynet"), failed=False, seed=2, latency_factor=1.3)
+    # x1.3 on 7 latency rows (100 timings each): the upper confidence limit is 1.32-1.36, so a
+    # threshold of 1.2 fails all 7 and one of 1.5 none (they are reported as "slower")
+    code, out, _ = cli(capsys, "compare", base, slow)
+    assert code == 1 and "7 regressions" in out
+    code, out, _ = cli(capsys, "compare", base, slow, "--latency-ratio", "1.5")
+    assert code == 0 and "7 slower" in out
+    # memory peaks x1.5 (3.2 -> 4.8 and 1.5 -> 2.25 MiB; single numbers, ratio only)
+    big = build_run(tmp_path / "m", models=("resnet20", "branchynet"), failed=False, seed=1, memory_factor=1.5)
+    assert cli(capsys, "compare", base, big, "--latency-ratio", "3")[1].count("memory_peak_activations") == 2
+    assert cli(capsys, "compare", base, big, "--latency-ratio", "3", "--memory-ratio", "1.4")[0] == 1
+    assert cli(capsys, "compare", base, big, "--latency-ratio", "3", "--memory-ratio", "1.6")[0] == 0
+    # exit histograms shifted by 0.05: chi-square p = 0.0033 and 0.00012 at thresholds 0.9 / 0.95
+    one = build_run(tmp_path / "e0", models=("branchynet",), failed=False, seed=1)
+    drift = build_run(tmp_path / "e1", models=("branchynet",), failed=False, seed=1, exit_shift=0.05)
+    assert cli(capsys, "compare", one, drift)[1].count("exit histogram drifted") == 2
+    assert cli(capsys, "compare", one, drift, "--exit-drift-p-value", "0.001")[1].count("exit histogram drifted") == 1
+    assert cli(capsys, "compare", one, drift, "--exit-drift-p-value", "0.0001")[0] == 0
+
+
+def test_cli_p_value_is_the_latency_test_level(tmp_path, capsys):
+    """5 timings a side, x1.6 slower and fully separated: the one-sided Mann-Whitney p is its
+    smallest possible value 1/C(10,5) = 1/252 = 0.0040, significant at 0.01, never at 0.001."""
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1, n_lat=5)
+    slow = build_run(tmp_path / "s", models=("resnet20",), failed=False, seed=2, n_lat=5, latency_factor=1.6)
+    code, out, _ = cli(capsys, "compare", base, slow)
+    assert code == 1 and "2 regressions" in out and "0.004" in out
+    code, out, _ = cli(capsys, "compare", base, slow, "--p-value", "0.001")
+    assert code == 0 and "no regressions" in out
+
+
+def test_cli_markdown_for_a_pull_request_comment(tmp_path, capsys):
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5, macs_delta=64)
+    md = tmp_path / "comment" / "compare.md"
+    assert cli(capsys, "compare", base, cand, "--markdown", md, "--accuracy-points", "0.5")[0] == 1
+    text = md.read_text()
+    assert ":x: **3 regression(s)**" in text  # top1 (-1.5 > 0.5 points), macs and flops (+64, +128)
+    assert "`accuracy_points=0.5`" in text and "| REGRESSION | resnet20 |" in text and "+64" in text
+    assert cli(capsys, "compare", base, base, "--markdown", md)[0] == 0
+    assert ":white_check_mark: **no regressions**" in md.read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latency-ratio", "0.5"], "argument --latency-ratio: compare threshold 'latency_ratio' must be >= 1"),
+    (["--memory-ratio", "0.9"], "argument --memory-ratio: compare threshold 'memory_ratio' must be >= 1"),
+    (["--p-value", "1.5"], "argument --p-value: compare threshold 'p_value' must be between 0 and 1"),
+    (["--exit-drift-p-value", "0"], "must be between 0 and 1"),
+    (["--accuracy-points", "-1"], "argument --accuracy-points: compare threshold 'accuracy_points' must be >= 0"),
+    (["--accuracy-points", "two"], "argument --accuracy-points: 'two' is not a number"),
+    (["--latency-ratio", "nan"], "argument --latency-ratio: must be a finite number, got 'nan'"),
+    (["--accuracy-pts", "1"], "unrecognized arguments: --accuracy-pts 1"),
+])
+def test_cli_bad_thresholds_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    run = build_run(tmp_path / "r", models=("resnet20",), failed=False)
+    code, out, err = cli(capsys, "compare", run, run, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("fractalbench: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_bad_compare_paths_exit_2(tmp_path, capsys):
+    run = build_run(tmp_path / "r", models=("resnet20",), failed=False)
+    for argv, message in [((run, tmp_path / "nope"), "candidate " + str(tmp_path / "nope") + " does not exist"),
+                          ((tmp_path, run), "is not a fractalbench run directory"),
+                          ((run, run, "--markdown", tmp_path), "is a directory"),
+                          ((run,), "the following arguments are required: candidate")]:
+        code, _, err = cli(capsys, "compare", *argv)
+        assert code == 2 and err.startswith("fractalbench: error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_baseline_keeps_machine_independent_metrics_by_default(tmp_path, capsys):
+    run = build_run(tmp_path / "smoke", seed=1)
+    out_file = tmp_path / "benchmarks" / "baseline_smoke.json"
+    code, out, _ = cli(capsys, "baseline", run, out_file)
+    assert code == 0 and f"baseline: {out_file}" in out
+    data = json.loads(out_file.read_text())
+    metrics = {r["metric"] for r in data["rows"]}
+    assert metrics == {"top1", "top5", "policy_top1", "params", "params_active", "macs", "flops", "exit_fraction", "error"}
+    assert data["suite"]["name"] == "smoke" and data["environment"]["git_commit"] == "deadbeef"
+    # the 18 exit_fraction rows of branchynet keep their counts for the chi-square test
+    counts = [json.loads(r["detail"])["count"] for r in data["rows"] if r["metric"] == "exit_fraction"]
+    assert len(counts) == 18 and sum(counts) == 6 * 1000
+    assert set(data["metrics"]) == MACHINE_INDEPENDENT_METRICS  # what was kept, recorded for compare
+    # gating another machine's run: 3x slower timings are not compared (nor listed as new), an accuracy drop is
+    result = compare(out_file, build_run(tmp_path / "slow", seed=2, latency_factor=3.0))
+    assert result.counts() == {"ok": 42, "info": 1}  # info: the "broken" cell failed in both; no new/missing rows
+    assert any("candidate rows of other metrics are not compared" in w for w in result.warnings)
+    assert cli(capsys, "compare", out_file, tmp_path / "slow")[0] == 0
+    # with the filter, a cell failing only in the candidate is still a regression, a new model still new
+    clean = tmp_path / "clean.json"
+    assert cli(capsys, "baseline", build_run(tmp_path / "ok", seed=1, models=("resnet20",), failed=False), clean)[0] == 0
+    failing = compare(clean, build_run(tmp_path / "failing", seed=1, models=("resnet20", "moe"), error_text="boom"))
+    assert [(r.key["model"], r.note) for r in failing.regressions] == [("broken", "candidate cell failed: boom")]
+    assert {r.key["model"] for r in failing.results if r.status == "new"} == {"moe"}
+    code, out, _ = cli(capsys, "compare", out_file, build_run(tmp_path / "worse", seed=2, top1_shift=-1.5))
+    assert code == 1 and "-1.50 pts" in out
+    # a changed MAC count fails exactly
+    assert cli(capsys, "compare", out_file, build_run(tmp_path / "macs", seed=1, macs_delta=1))[0] == 1
+
+
+def test_cli_baseline_metrics_option(tmp_path, capsys):
+    run = build_run(tmp_path / "smoke", models=("resnet20",), failed=False, seed=1)
+    assert cli(capsys, "baseline", run, tmp_path / "all.json", "--metrics", "all")[0] == 0
+    rows = json.loads((tmp_path / "all.json").read_text())["rows"]
+    assert {"latency", "memory_peak_activations", "train_seconds"} <= {r["metric"] for r in rows}
+    assert len(json.loads(next(r for r in rows if r["metric"] == "latency")["detail"])["samples"]) == 100
+    assert cli(capsys, "baseline", run, tmp_path / "two.json", "--metrics", "top1", "latency")[0] == 0
+    assert {r["metric"] for r in json.loads((tmp_path / "two.json").read_text())["rows"]} == {"top1", "latency"}
+    code, _, err = cli(capsys, "baseline", run, tmp_path / "x.json", "--metrics", "topp1")
+    assert code == 2 and "has no rows of metric(s) topp1; it has: " in err and "top1" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.json").exists()
+    code, _, err = cli(capsys, "baseline", tmp_path / "nope", tmp_path / "x.json")
+    assert code == 2 and "is not a fractalbench run directory" in err
+    code, _, err = cli(capsys, "baseline", run, tmp_path)
+    assert code == 2 and "is a directory" in err
+
+
+def test_compare_exit_codes_in_a_real_process(tmp_path):
+    import subprocess
+    import sys
+
+    base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5)
+    repo = Path(__file__).resolve().parents[2]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", "compare", *map(str, a)], cwd=repo,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    assert run(base, cand).returncode == 1
+    assert run(base, cand, "--accuracy-points", "2").returncode == 0
+    bad = run(base, cand, "--p-value", "2")
+    assert bad.returncode == 2 and bad.stderr.startswith("fractalbench: error: argument --p-value") and bad.stdout == ""

@@ -1,5 +1,9 @@
-"""The ``benchmark_model`` fixture, run in an inner pytest session with pytest-benchmark."""
+"""The ``benchmark_model`` fixture, run in an inner pytest session with pytest-benchmark; the
+``pytest11`` entry point that loads it automatically once fractalbench is installed."""
 import json
+from importlib.metadata import entry_points
+
+import pytest
 
 pytest_plugins = ["pytester"]
 
@@ -37,3 +41,38 @@ def test_benchmark_model_fixture(pytester):
     assert info["test_forced_exit"]["exit"] == 0
     assert info["test_policy"]["policy"] == "confidence" and info["test_policy"]["dynamic_kind"] == "early_exit"
     assert all(b["stats"]["rounds"] >= 2 for b in data["benchmarks"])
+
+
+ONE_TEST = '''
+def test_static(benchmark_model):
+    out = benchmark_model("resnet20", batch_size=1, input_size=8)
+    assert tuple(out.shape) == (1, 10)
+'''
+
+
+def test_installed_entry_point_names_the_plugin_module():
+    """Named like the module, so ``-p reports.pytest_plugin`` / ``pytest_plugins`` find it already
+    registered (no 'Plugin already registered under a different name') and ``-p
+    no:reports.pytest_plugin`` turns it off. Fails until the project is reinstalled (make setup)."""
+    found = [ep for ep in entry_points(group="pytest11") if ep.value == "reports.pytest_plugin"]
+    assert [ep.name for ep in found] == ["reports.pytest_plugin"], found
+
+
+@pytest.mark.parametrize("how", ["entry point only", "-p on the command line", "pytest_plugins in conftest.py"])
+def test_fixture_is_available_once_however_it_is_enabled(pytester, how):
+    pytester.makepyfile(test_inner=ONE_TEST)
+    args = ["-p", "no:cacheprovider", "-q", "--benchmark-disable"]
+    if how.startswith("-p"):
+        args = ["-p", "reports.pytest_plugin", *args]
+    elif how.startswith("pytest_plugins"):
+        pytester.makeconftest('pytest_plugins = ["reports.pytest_plugin"]')
+    result = pytester.runpytest_inprocess(*args)
+    result.assert_outcomes(passed=1)
+    assert "already registered" not in result.stdout.str() + result.stderr.str()
+
+
+def test_plugin_can_be_switched_off(pytester):
+    pytester.makepyfile(test_inner=ONE_TEST)
+    result = pytester.runpytest_inprocess("-p", "no:reports.pytest_plugin", "-p", "no:cacheprovider", "-q", "--benchmark-disable")
+    result.assert_outcomes(errors=1)
+    assert "fixture 'benchmark_model' not found" in result.stdout.str()
