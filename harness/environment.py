@@ -35,11 +35,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+_DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+
+
 def _version(module: str) -> str:
+    """Installed version from package metadata (no import: importing timm or seaborn takes seconds)."""
+    from importlib import metadata
+
     try:
-        mod = __import__(module)
-        return str(getattr(mod, "__version__", "unknown"))
-    except Exception:  # noqa: BLE001 - a missing optional library is just "absent"
+        return metadata.version(_DISTRIBUTIONS.get(module, module))
+    except metadata.PackageNotFoundError:
         return "absent"
 
 
