@@ -22,8 +22,12 @@ Splitting (:func:`split_backbone`):
 
 ICs (``ic="mixed"``, SDN's): the feature map is reduced to 4x4 by alpha x max-pool + (1 - alpha) x
 avg-pool with a learnt scalar alpha, flattened, then one FC layer. ``ic="linear"``: global average
-pooling + FC. Exit loss weights (SDN training): IC i weighted by its nominal position (0.15 ... 0.9),
-the final exit by 1.
+pooling + FC. Exit loss weights (SDN training, Kaya et al. sec. 4.2): IC i's final weight is its
+nominal position (0.15 ... 0.9), the final exit's is 1; with ``weight_ramp=True`` (default) the IC
+weights rise linearly from 0.01 at the first epoch to their final values at the last (the trainer
+calls :meth:`SDN.on_train_epoch` before every epoch); the final exit keeps weight 1 throughout.
+Without the ramp the summed IC losses scale the early gradients by ~4.5x, which made SGD at lr 0.05
+diverge on ResNet-56.
 """
 from __future__ import annotations
 
@@ -204,7 +208,8 @@ class SDN(EarlyExitNetwork):
 
     def __init__(self, units: Sequence[nn.Module], head: nn.Module, num_classes: int, channels: Sequence[int],
                  positions: Sequence[tuple[int, float]], ic: str = "mixed",
-                 exit_weights: Sequence[float] | None = None, backbone_name: str = "") -> None:
+                 exit_weights: Sequence[float] | None = None, backbone_name: str = "",
+                 weight_ramp: bool = True) -> None:
         if ic not in IC_KINDS:
             raise ValueError(f"ic {ic!r} is not one of {', '.join(IC_KINDS)}")
         stages, heads, start = [], [], 0
@@ -220,6 +225,20 @@ class SDN(EarlyExitNetwork):
         self.ic_units = [i for i, _ in positions]
         self.ic_fractions = [f for _, f in positions]
         self.backbone_name = backbone_name
+        self.final_exit_weights = list(self.exit_weights)
+        self.weight_ramp = bool(weight_ramp)
+
+    def on_train_epoch(self, epoch: int, epochs: int) -> None:
+        """SDN's weight schedule: IC weights from 0.01 (first epoch) linearly to their final values
+        (last epoch); the last exit's weight stays. Called by the trainer before each epoch."""
+        if not self.weight_ramp:
+            return
+        t = epoch / (epochs - 1) if epochs > 1 else 1.0
+        ics = [RAMP_START + (w - RAMP_START) * t for w in self.final_exit_weights[:-1]]
+        self.exit_weights = ics + self.final_exit_weights[-1:]
+
+
+RAMP_START = 0.01
 
 
 def _probe(backbone: nn.Module, in_chans: int, probe_size: int | None) -> Tensor:
@@ -232,7 +251,7 @@ def _probe(backbone: nn.Module, in_chans: int, probe_size: int | None) -> Tensor
 def build_sdn(backbone_name: str, *, num_classes: int = 10, in_chans: int = 3,
               ic_fractions: Sequence[float] = SDN_FRACTIONS, ic_after: Sequence[int] | None = None,
               placement: str = "macs", ic: str = "mixed", exit_weights: Sequence[float] | None = None,
-              probe_size: int | None = None, **backbone_kwargs: Any) -> SDN:
+              probe_size: int | None = None, weight_ramp: bool = True, **backbone_kwargs: Any) -> SDN:
     """SDN on a registered backbone. ``ic_after``: explicit unit indices (overrides ``ic_fractions``);
     ``probe_size``: input side used to profile and check the split (default 32 for CIFAR ResNets, else 64)."""
     if backbone_name.startswith("sdn:"):
@@ -253,7 +272,7 @@ def build_sdn(backbone_name: str, *, num_classes: int = 10, in_chans: int = 3,
         positions = [(int(i), round(sum(unit_macs[:int(i) + 1]) / total, 4)) for i in sorted(set(int(i) for i in ic_after))]
     else:
         positions = place_ics(unit_macs, ic_fractions, placement)
-    return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name)
+    return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name, weight_ramp)
 
 
 NOTES = (
@@ -261,9 +280,9 @@ NOTES = (
     "cost; placement='depth' uses the unit count instead; duplicates collapse on short backbones). IC = "
     "SDN's feature reduction: alpha*maxpool + (1-alpha)*avgpool to 4x4 (adaptive pooling; SDN uses kernel "
     "size/4, the same for maps >= 4) + FC; maps smaller than 4 are upsampled by the adaptive pooling instead "
-    "of flattened. Loss weights: IC i = its nominal fraction (0.15..0.9), final = 1, the end values of SDN's "
-    "schedule, which ramps the IC weights linearly from 0.01 over training (the contract's loss_terms has no "
-    "epoch; use the harness trainer's schedule if added). SDN's exit rule is max-softmax confidence "
+    "of flattened. Loss weights: IC i ramps linearly from 0.01 (first epoch) to its nominal fraction "
+    "(0.15..0.9, last epoch), final exit = 1 throughout, as in SDN training (weight_ramp=False keeps the final "
+    "values from the start). SDN's exit rule is max-softmax confidence "
     "(ConfidencePolicy). The backbone is trained jointly (SDN training), not frozen (IC-only training)."
 )
 

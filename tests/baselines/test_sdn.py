@@ -178,6 +178,27 @@ def test_loss_terms_use_sdn_weights():
     assert isinstance(model.heads[0], MixedPoolClassifier) and model.heads[0].alpha.grad is not None
 
 
+def test_trainer_ramps_ic_weights_from_0_01_to_final():
+    from torch.utils.data import TensorDataset
+
+    from harness.train import TrainConfig, train_model
+
+    torch.manual_seed(0)
+    model = create_model("sdn:resnet20", num_classes=3, in_chans=1)
+    seen = []
+    original = model.on_train_epoch
+    model.on_train_epoch = lambda e, n: (original(e, n), seen.append(list(model.exit_weights)))
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    train_model(model, data, TrainConfig(epochs=3, batch_size=4, max_steps_per_epoch=1))
+    final = [0.15, 0.3, 0.45, 0.6, 0.75, 0.9]
+    assert seen[0] == pytest.approx([0.01] * 6 + [1.0])
+    assert seen[1] == pytest.approx([0.01 + (w - 0.01) / 2 for w in final] + [1.0])
+    assert seen[2] == pytest.approx(final + [1.0])
+    fixed = create_model("sdn:resnet20", num_classes=3, in_chans=1, weight_ramp=False)
+    fixed.on_train_epoch(0, 3)
+    assert fixed.exit_weights == pytest.approx(final + [1.0])
+
+
 def test_forced_exit_runs_exactly_its_prefix(sdn20):
     x = torch.randn(2, 3, 32, 32)
     fired = []
