@@ -16,6 +16,11 @@ exits, gates or experts implement :class:`DynamicModel` on top of that:
   A trace's ``unit_counts[name][n]`` says how often sample ``n`` executed that unit, so the
   executed MACs of sample n are ``sum_u unit_counts[u][n] * macs[u]``.
 
+Optional hooks the trainer honours: ``on_train_epoch(epoch, epochs)`` before every epoch (e.g.
+SDN's loss-weight ramp), ``on_train_end(train_set, batch_size, device)`` after the last epoch, before
+the final checkpoint (e.g. FractalNet's batch-norm statistics per inference path), and ``ddp_find_unused_parameters`` (bool) for DistributedDataParallel
+(default: True for gated and routed models).
+
 Static models are the one-exit case; the module-level functions below (``num_exits``,
 ``forward_exits`` ...) give every ``nn.Module`` the full protocol so every metric works on every
 model.

@@ -152,6 +152,9 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        schedule = getattr(model, "on_train_epoch", None)  # e.g. SDN's loss-weight ramp
+        if callable(schedule):
+            schedule(epoch, cfg.epochs)
         sampler.set_epoch(epoch)
         # a per-epoch generator keeps augmentation identical whether or not training was resumed
         torch.manual_seed(cfg.seed * 1000 + epoch)
@@ -181,6 +184,9 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
             bar.close()
         means = {k: v / steps for k, v in sums.items()}
         history.append(means)
+        finish = getattr(model, "on_train_end", None)  # e.g. FractalNet's BN statistics per path
+        if epoch == cfg.epochs - 1 and callable(finish):
+            finish(train_set, cfg.batch_size, device)
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model, spec=spec, optimizer=opt, scheduler=sched, epoch=epoch + 1,
                             extra={"history": history})

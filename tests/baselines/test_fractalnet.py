@@ -281,3 +281,80 @@ def test_bad_options_raise():
         FractalNet(widths=(4,), local_drop=1.0)
     with pytest.raises(ValueError, match="exits 0..2"):
         create_model("fractalnet20", widths=TINY).forced_forward(torch.randn(1, 3, 32, 32), 3)
+
+
+def _batch_stat_reference(model, x, path):
+    """The same path with every BN in plain training mode (batch statistics), on a copy."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        return ref.forward_fractal(x) if path == 0 else ref.forward_column(x, path - 1)
+
+
+def test_batchnorm_statistics_per_path_are_the_path_population_statistics():
+    torch.manual_seed(0)
+    model = create_model("fractalnet20", widths=TINY, dropout=NO_DROPOUT, num_classes=5, in_chans=1)
+    x = torch.randn(12, 1, 16, 16) * 3 + 1
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    # uncalibrated: the running statistics (fresh: mean 0, var 1), same as plain BatchNorm2d in eval
+    plain = nn.BatchNorm2d(4).eval()
+    bn = model.path_batchnorms()[0]
+    h = torch.randn(2, 4, 3, 3)
+    assert torch.equal(bn(h), plain(h))
+    model.calibrate_batchnorm([x])  # one batch: population statistics = that batch's statistics
+    # a BN is calibrated on the paths that run it: column c's units on the full path and column c's
+    first = [b.columns[c][0][-2] for b in model.blocks for c in range(3)]
+    assert [b.path_ready.tolist() for b in first[:3]] == [[True, True, False, False], [True, False, True, False],
+                                                          [True, False, False, True]]
+    with torch.no_grad():
+        full, columns = model(x), model.forward_exits(x)
+    torch.testing.assert_close(full, _batch_stat_reference(model, x, 0), rtol=1e-3, atol=2e-4)
+    for k, logits in enumerate(columns):
+        torch.testing.assert_close(logits, _batch_stat_reference(model, x, k + 1), rtol=1e-3, atol=2e-4)
+    assert not torch.allclose(full, before)
+    # paths really differ: the first BN of column 0 sees the same input on the full path and its
+    # own path, a later join output differs, so the last block's statistics differ between paths
+    last = model.blocks[-1].columns[0][0][-2]
+    assert not torch.allclose(last.path_mean[0], last.path_mean[1])
+
+
+def test_calibration_over_several_batches_is_exact_mean_and_biased_variance():
+    torch.manual_seed(1)
+    model = create_model("fractalnet20", widths=TINY, dropout=NO_DROPOUT, num_classes=5, in_chans=1)
+    x = torch.randn(10, 1, 8, 8)
+    first = model.blocks[0].columns[0][0]  # conv -> BN -> ReLU on the block input, same on every path
+    model.calibrate_batchnorm([x[:3], x[3:]])
+    with torch.no_grad():
+        h = first[0](x)
+    bn = first[1]
+    assert bn.path_ready.tolist() == [True, True, False, False]  # column 0 runs on the full path and its own
+    for path in (0, 1):
+        torch.testing.assert_close(bn.path_mean[path], h.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.path_var[path], h.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_calibrates_per_path_statistics_and_checkpoint_keeps_them(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from harness.checkpoints import read_checkpoint
+    from harness.train import TrainConfig, train_model
+
+    torch.manual_seed(0)
+    model = create_model("fractalnet20", widths=TINY, num_classes=3, in_chans=1)
+    data = TensorDataset(torch.randn(16, 1, 8, 8), torch.arange(16) % 3)
+    ckpt = tmp_path / "m.pt"
+    train_model(model, data, TrainConfig(epochs=2, batch_size=8, max_steps_per_epoch=1), checkpoint=ckpt)
+    assert all(b.path_ready[0] and b.path_ready.sum() == 2 for b in model.path_batchnorms())
+    fresh = create_model("fractalnet20", widths=TINY, num_classes=3, in_chans=1)
+    fresh.load_state_dict(read_checkpoint(ckpt)["model"])
+    x = torch.randn(4, 1, 8, 8)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        for a, b in zip(model.forward_exits(x) + [model(x)], fresh.forward_exits(x) + [fresh(x)]):
+            assert torch.equal(a, b)
