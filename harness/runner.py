@@ -184,13 +184,30 @@ def step_train(ctx: CellContext) -> list[dict[str, Any]]:
 
 
 def step_accuracy(ctx: CellContext) -> list[dict[str, Any]]:
-    from harness.evaluate import accuracy_rows, collect_exit_logits
+    from harness.evaluate import accuracy_rows, collect_exit_logits, topk_accuracy
 
     bs, dev = ctx.suite.eval_batch_size, ctx.cell.device
     test_logits, test_labels = collect_exit_logits(ctx.model, ctx.splits.test, bs, dev)
     ctx.cache["test_exit_logits"], ctx.cache["test_labels"] = test_logits, test_labels
     ctx.cache["val_exit_logits"], ctx.cache["val_labels"] = collect_exit_logits(ctx.model, ctx.splits.val, bs, dev)
-    return accuracy_rows(test_logits, test_labels, ctx.splits.num_classes, "test", **ctx.fields)
+    rows = accuracy_rows(test_logits, test_labels, ctx.splits.num_classes, "test", **ctx.fields)
+    if getattr(ctx.model, "full_network_is_exit", True) is False:  # e.g. FractalNet: all columns joined
+        full, labels = _forward_logits(ctx.model, ctx.splits.test, bs, dev)
+        rows.append(ctx.row("top1_full", topk_accuracy(full, labels, 1), "%", split="test", n=len(labels),
+                            detail={"path": "forward(): the full network, which is not one of the exits"}))
+    return rows
+
+
+@torch.no_grad()
+def _forward_logits(model: torch.nn.Module, ds: Any, batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.utils.data import DataLoader
+
+    model.eval().to(device)
+    logits, labels = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def _inputs(ds: Any, limit: int | None = None) -> torch.Tensor:

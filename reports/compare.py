@@ -10,7 +10,7 @@ other metrics (latency, memory, ...) are then left out rather than listed as new
 
 Rules (thresholds: suite ``compare`` section, then arguments; defaults in :class:`Thresholds`)
 -------------------------------------------------------------------------------------------------
-- Accuracy (top1, top5, policy_top1; %): regression when the candidate is more than
+- Accuracy (top1, top5, policy_top1, top1_full; %): regression when the candidate is more than
   ``accuracy_points`` percentage points lower.
 - Compute and size (params, params_active, macs, flops, unit_macs, macs_fvcore): any change is a
   regression; these are exact counts.
@@ -59,7 +59,7 @@ import numpy as np
 
 from harness.results import SCHEMA_VERSION, RunStore, atomic_write_json
 
-ACCURACY_METRICS = frozenset({"top1", "top5", "policy_top1"})
+ACCURACY_METRICS = frozenset({"top1", "top5", "policy_top1", "top1_full"})
 EXACT_METRICS = frozenset({"params", "params_active", "macs", "flops", "unit_macs", "macs_fvcore"})
 LATENCY_METRICS = frozenset({"latency", "latency_masked"})
 MEMORY_METRICS = frozenset({"memory_peak_activations", "memory_weights", "memory_peak_allocated", "memory_peak_reserved",
