@@ -11,7 +11,7 @@ OUT ?= runs/$(SUITE)
 INSTALL_BROWSER ?= auto
 BROWSER_LOG ?= $(or $(TMPDIR),/tmp)/fractalbench-chromium-install.log
 
-.PHONY: setup browser run test bench smoke clean
+.PHONY: setup browser run test bench smoke baseline clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ smoke: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# rewrite benchmarks/baseline_smoke.json (the CI gate's baseline) after an intended change
+baseline: $(STAMP)
+	$(BIN)/python -m reports.gate refresh
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow benchmarks

@@ -1,38 +1,26 @@
-"""The project's own CI gate (issue #7): the `smoke` suite, run as a user runs it, compared with the
-baseline committed in benchmarks/baseline_smoke.json on its deterministic metrics (parameters,
-MACs/FLOPs, accuracy and exit fractions on the fixed seed). A changed MAC count, a parameter
-count or an accuracy drop beyond the suite's threshold fails CI.
-
-Refresh the baseline after an intended change (README, "Comparing runs and the CI gate"):
-    fractalbench run smoke --out runs/smoke && fractalbench baseline runs/smoke benchmarks/baseline_smoke.json
+"""The project's own CI gate (issue #7): the `smoke` suite, run in a subprocess with the gate's
+pinned environment (reports/gate.py), compared with the baseline committed in
+benchmarks/baseline_smoke.json on its deterministic metrics (parameters, MACs/FLOPs, accuracy and
+exit fractions on the fixed seed). A changed MAC or parameter count, an accuracy drop beyond the
+threshold or a failed cell fails CI. Refresh after an intended change: `make baseline`.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from harness.suites import load_suite
-
-ROOT = Path(__file__).resolve().parent.parent
-BASELINE = ROOT / "benchmarks" / "baseline_smoke.json"
-
-
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+from reports import gate
 
 
 def baseline_rows() -> list[dict]:
-    data = json.loads(BASELINE.read_text(encoding="utf-8"))
+    data = json.loads(gate.BASELINE.read_text(encoding="utf-8"))
     return data["rows"] if isinstance(data, dict) else data
 
 
 def test_committed_baseline_covers_every_smoke_model():
     rows = baseline_rows()
     models = {r["model"] for r in rows}
-    assert models == {m.display for m in load_suite("smoke").models}
+    assert models == {m.display for m in load_suite(gate.SUITE).models}
     assert not [r for r in rows if r["metric"] == "error"], "the baseline was written from a run with failed cells"
     for metric in ("params", "macs", "top1"):
         assert {r["model"] for r in rows if r["metric"] == metric} == models, metric
@@ -41,9 +29,19 @@ def test_committed_baseline_covers_every_smoke_model():
 
 def test_smoke_suite_matches_committed_baseline(tmp_path):
     run = tmp_path / "smoke"
-    done = cli("run", "smoke", "--out", str(run))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "0 failed" in done.stdout
-    gate = cli("compare", str(BASELINE), str(run), "--markdown", str(tmp_path / "compare.md"))
-    assert gate.returncode == 0, f"regression against {BASELINE.name}:\n{gate.stdout[-4000:]}{gate.stderr[-2000:]}"
-    assert (tmp_path / "compare.md").read_text(encoding="utf-8").strip()
+    gate.run_smoke(run)
+    result = gate.check(run, tmp_path / "compare.md")
+    assert result.returncode == 0, f"regression against {gate.BASELINE.name}:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+    assert "no regressions" in result.stdout
+
+
+def test_gate_flags_a_changed_mac_count(tmp_path):
+    """The gate can fail: a baseline whose MAC count differs by one is a regression."""
+    data = json.loads(gate.BASELINE.read_text(encoding="utf-8"))
+    rows = data["rows"] if isinstance(data, dict) else data
+    row = next(r for r in rows if r["metric"] == "macs" and r["model"] == "resnet20")
+    row["value"] += 1
+    changed = tmp_path / "baseline.json"
+    changed.write_text(json.dumps(data), encoding="utf-8")
+    result = gate.cli("compare", str(changed), str(gate.BASELINE))
+    assert result.returncode == 1 and "macs" in result.stdout
