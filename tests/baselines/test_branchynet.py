@@ -20,15 +20,6 @@ EXACT_PARAMS = {"branchynet_resnet20": 269_722 + BRANCHES, "branchynet_resnet56"
                 "branchynet_resnet110": 1_727_962 + BRANCHES}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, thread spin-waits make small ops 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def macs(fn, *args) -> int:
     """MACs counted by FlopCounterMode (2 FLOPs per MAC) of what ``fn`` actually runs."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

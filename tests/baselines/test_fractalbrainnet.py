@@ -33,14 +33,6 @@ SIZES = ("small", "medium", "large", "xlarge")
 ALL_NAMES = [f"fractalbrainnet_{s}" for s in SIZES] + ["fractalbrainnet_small_ee", "fractalbrainnet_medium_ee"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw):
     """A FractalBrainNet small enough for many forwards."""
     options = dict(fractal_levels=(1, 2), base_channels=8, pattern_resolution=16)

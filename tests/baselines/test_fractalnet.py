@@ -17,15 +17,6 @@ TINY = (4, 8, 8, 8, 8)
 NO_DROPOUT = (0.0,) * 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, thread spin-waits make small ops 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def macs(fn, *args) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn(*args)

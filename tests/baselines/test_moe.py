@@ -13,15 +13,6 @@ from harness import contract
 from harness.registry import create_model, list_models, model_card
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def counted_macs(fn, *args, **kwargs) -> int:
     """MACs that FlopCounterMode sees while ``fn`` runs (FLOPs / 2), without the harness."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

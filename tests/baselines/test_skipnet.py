@@ -12,15 +12,6 @@ from harness.registry import create_model, list_models, model_card
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- helpers ---------------------------------------------------------------------------------------
 
 
