@@ -200,6 +200,8 @@ def check_device(device: str) -> str:
     """Validate a device string; asking for CUDA where there is none raises ValueError."""
     import torch
 
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string ({DEVICE_HELP}), got {device!r}")
     if device == "cpu":
         return device
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):

@@ -67,27 +67,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from harness.suites import DEVICE_HELP, check_device  # one device check for suites and measurements
+
 MIN_SAMPLES_P99 = 100
 MiB = float(2**20)
-DEVICE_HELP = "cpu, cuda or cuda:N"
-
-
-def check_device(device: str) -> str:
-    """Validate a device string ('cpu', 'cuda', 'cuda:N'); CUDA where there is none raises ValueError."""
-    import torch
-
-    if not isinstance(device, str):
-        raise ValueError(f"device must be a string ({DEVICE_HELP}), got {device!r}")
-    if device == "cpu":
-        return device
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA device; use cpu")
-        index = int(device[5:]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    raise ValueError(f"device {device!r} is not allowed; allowed: {DEVICE_HELP}")
 
 
 @dataclass(frozen=True)
