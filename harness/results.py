@@ -18,9 +18,12 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+
+from harness.catalogue import check_metric
 
 SCHEMA_VERSION = 1
 
@@ -41,7 +44,9 @@ class ResultsError(ValueError):
 
 
 def make_row(metric: str, value: float | None, unit: str, **fields: Any) -> dict[str, Any]:
-    """One result row. Unknown field names raise; ``detail`` may be a dict (stored as JSON)."""
+    """One result row. A metric that is not in :mod:`harness.catalogue` (or a unit that is not
+    its unit) raises, and so do unknown field names; ``detail`` may be a dict (stored as JSON)."""
+    check_metric(metric, unit)
     unknown = set(fields) - set(ROW_FIELDS)
     if unknown:
         raise ValueError(f"unknown result field(s) {sorted(unknown)}; allowed: {', '.join(ROW_FIELDS)}")
@@ -51,6 +56,12 @@ def make_row(metric: str, value: float | None, unit: str, **fields: Any) -> dict
     if isinstance(row["detail"], (dict, list)):
         row["detail"] = json.dumps(row["detail"], sort_keys=True, default=_json_default)
     return row
+
+
+def field_row(metric: str, value: float | None, unit: str, fields: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """:func:`make_row` where the measurement's own fields (``extra``) take precedence over the
+    caller's ``fields`` (so a caller passing e.g. ``exit`` never collides)."""
+    return make_row(metric, value, unit, **{**fields, **extra})
 
 
 def _json_default(obj: Any) -> Any:
@@ -142,7 +153,8 @@ class RunStore:
             except (OSError, json.JSONDecodeError) as exc:
                 raise ResultsError(f"results file {path} is unreadable: {exc}") from None
             data = migrate_cell(data, path)
-            records.append(CellRecord(data["cell_id"], data["status"], data["rows"], data.get("error", ""), data.get("meta")))
+            records.append(CellRecord(data["cell_id"], data["status"], data["rows"], data.get("error", ""),
+                                      data.get("meta")))
         return records
 
     def rows(self) -> list[dict[str, Any]]:
@@ -171,11 +183,12 @@ def migrate_cell(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Bring an older cell file up to SCHEMA_VERSION (there is only version 1 so far)."""
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ResultsError(f"results file {path} has schema_version {version!r}; this fractalbench reads {SCHEMA_VERSION}")
+        raise ResultsError(f"results file {path} has schema_version {version!r}; "
+                           f"this fractalbench reads {SCHEMA_VERSION}")
     return data
 
 
-def load_run(run_dir: Path | str) -> "pandas.DataFrame":  # noqa: F821
+def load_run(run_dir: Path | str) -> pandas.DataFrame:  # noqa: F821
     """Every row of a run as a pandas DataFrame (columns ``ROW_FIELDS``)."""
     import pandas as pd
 
@@ -183,6 +196,65 @@ def load_run(run_dir: Path | str) -> "pandas.DataFrame":  # noqa: F821
     if not (run_dir / "cells").is_dir():
         raise ResultsError(f"{run_dir} is not a fractalbench run directory (no cells/ folder inside)")
     return pd.DataFrame(RunStore(run_dir).rows(), columns=list(ROW_FIELDS))
+
+
+def detail_of(value: Any) -> dict[str, Any]:
+    """A row's ``detail`` decoded to a dict ({} when empty or not a JSON object)."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        return {}
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class RunData:
+    """One run directory as read back: its rows (a DataFrame), cell records, suite and environment."""
+
+    path: Path
+    rows: pandas.DataFrame  # noqa: F821
+    cells: list[CellRecord]
+    suite: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name or str(self.path)
+
+
+def check_run_dir(path: Path | str) -> Path:
+    """``path`` as a Path; ResultsError naming it when it is not a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"run directory {path} does not exist")
+    if not (path / "cells").is_dir() and not (path / "suite.json").is_file():
+        raise ResultsError(f"{path} is not a fractalbench run directory (no cells/ folder or suite.json inside)")
+    return path
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def open_run(run_dir: Path | str) -> RunData:
+    """Read one run directory: rows, cells, suite.json and environment.json (ResultsError if it is not one)."""
+    import pandas as pd
+
+    path = check_run_dir(run_dir)
+    cells = RunStore(path).read_cells()
+    frame = pd.DataFrame([r for c in cells for r in c.rows], columns=list(ROW_FIELDS))
+    return RunData(path, frame, cells, _read_json_object(path / "suite.json"),
+                   _read_json_object(path / "environment.json"))
 
 
 def rows_for(rows: Iterable[Mapping[str, Any]], **match: Any) -> list[Mapping[str, Any]]:
