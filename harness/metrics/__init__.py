@@ -25,6 +25,11 @@ Units and definitions
 - Memory: MiB = 2**20 bytes. Activation memory is the peak above the baseline (weights, input,
   allocator state after a warm-up).
 
+The package's modules, bottom up: ``statistics`` (sample summaries), ``timing`` (threads, timed
+calls, the Timer cross-check), ``settings`` (LatencySettings, MemorySettings), ``isolation``
+(worker processes), then ``flops``, ``latency``, ``memory``, ``profile``. Every metric name, unit
+and kind is in :mod:`harness.catalogue`.
+
 Metric names in result rows (``metric`` / ``unit``)
 ---------------------------------------------------
 =============================  =========  ======================================================
@@ -63,76 +68,33 @@ memory_peak_torch              MiB        CPU: torch profiler's allocation timel
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
-
-from harness.suites import DEVICE_HELP, check_device  # one device check for suites and measurements
-
-MIN_SAMPLES_P99 = 100
-MiB = float(2**20)
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Sample statistics. std is the sample standard deviation (n - 1); p99 is None below 100 samples."""
-
-    n: int
-    mean: float
-    std: float
-    p50: float
-    p90: float
-    p99: float | None
-    min: float
-    max: float
-
-    def row_stats(self) -> dict[str, float | int | None]:
-        """The statistics fields of a result row (value = mean)."""
-        return {"n": self.n, "std": self.std, "p50": self.p50, "p90": self.p90, "p99": self.p99}
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of already sorted values; q in [0, 100]."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def summarize(values: Sequence[float]) -> Summary:
-    """Summary statistics of a non-empty sequence of numbers."""
-    vals = sorted(float(v) for v in values)
-    n = len(vals)
-    if n == 0:
-        raise ValueError("cannot summarize an empty sample")
-    mean = math.fsum(vals) / n
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-    return Summary(n, mean, std, percentile(vals, 50), percentile(vals, 90),
-                   percentile(vals, 99) if n >= MIN_SAMPLES_P99 else None, vals[0], vals[-1])
-
-
-def field_row(metric: str, value: float | None, unit: str, fields: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """``harness.results.make_row`` where the measurement's own fields (``extra``) take precedence
-    over the caller's ``fields`` (so a caller passing e.g. ``exit`` never collides)."""
-    from harness.results import make_row
-
-    return make_row(metric, value, unit, **{**fields, **extra})
-
-
-# Public API (imported last: the submodules use the helpers above).
-from harness.metrics.flops import (  # noqa: E402
-    ZERO_MAC_OPS, CostTable, ExpectedCost, FvcoreCount, MacCount, MacCounter, OracleSample,
-    build_cost_table, cost_rows, count_macs, expected_macs, fvcore_count, oracle_check, oracle_rows,
-    parameter_counts, trace_histograms,
+from harness.devices import check_device
+from harness.metrics.flops import (
+    ZERO_MAC_OPS,
+    CostTable,
+    ExpectedCost,
+    FvcoreCount,
+    MacCount,
+    MacCounter,
+    OracleSample,
+    build_cost_table,
+    cost_rows,
+    count_macs,
+    expected_macs,
+    fvcore_count,
+    oracle_check,
+    oracle_rows,
+    parameter_counts,
+    trace_histograms,
 )
-from harness.metrics.latency import (  # noqa: E402
-    LatencySettings, MeasurementError, latency_rows, measure_latency, overhead_rows, time_calls,
-    timer_cross_check,
-)
-from harness.metrics.memory import MemorySettings, measure_memory, memory_rows, weight_bytes  # noqa: E402
-from harness.metrics.profile import format_profile, profile_model  # noqa: E402
+from harness.metrics.isolation import MeasurementError
+from harness.metrics.latency import latency_rows, measure_latency, overhead_rows
+from harness.metrics.memory import MiB, measure_memory, memory_rows, weight_bytes
+from harness.metrics.profile import format_profile, profile_model
+from harness.metrics.settings import LatencySettings, MemorySettings
+from harness.metrics.statistics import MIN_SAMPLES_P99, Summary, percentile, summarize
+from harness.metrics.timing import time_calls, timer_cross_check
+from harness.results import field_row
 
 __all__ = [
     "MIN_SAMPLES_P99", "MiB", "Summary", "check_device", "field_row", "percentile", "summarize",

@@ -63,8 +63,10 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         torch.set_num_interop_threads(int(settings.get("interop_threads", 1)))
     except RuntimeError:
         pass
-    from harness.metrics.latency import LatencySettings, build_model, measure_latency
-    from harness.metrics.memory import MemorySettings, _malloc_trim, measure_memory
+    from harness.metrics.isolation import build_model, malloc_trim
+    from harness.metrics.latency import measure_latency
+    from harness.metrics.memory import measure_memory
+    from harness.metrics.settings import LatencySettings, MemorySettings
     from harness.registry import ModelSpec
 
     _load_plugins(list(settings.get("plugins") or []))
@@ -79,11 +81,11 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
 
         discover()  # importing the baselines is not weights
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         before = _rss_bytes()
         model = build_model(spec, job.get("checkpoint"))
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         weights_rss = _rss_bytes() - before
         paths = job.get("paths")
         return measure_memory(model, job["input_shape"], MemorySettings.from_dict(settings), isolated=True, paths=paths,
@@ -101,7 +103,8 @@ def main(argv: list[str]) -> int:
     try:
         result = {"status": "ok", "rows": run_job(job)}
     except Exception as exc:  # noqa: BLE001 - any failure is reported to the parent as data
-        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc(limit=8)}
     tmp = result_path.with_name(result_path.name + ".tmp")
     tmp.write_text(json.dumps(result, default=str), encoding="utf-8")
     tmp.replace(result_path)

@@ -24,61 +24,27 @@ Definitions
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import resource
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from harness import contract
-from harness.metrics import MiB, check_device, field_row
-from harness.metrics.latency import MeasurementError, build_model, run_worker, set_threads, worker_env
+from harness.devices import check_device
+from harness.metrics.isolation import MeasurementError, build_model, malloc_trim, run_worker, worker_env
+from harness.metrics.settings import MemorySettings
+from harness.metrics.timing import set_threads
 from harness.registry import ModelSpec
+from harness.results import field_row
 
-CPU_METHODS = ("auto", "vmhwm", "ru_maxrss")
-
-
-@dataclass(frozen=True)
-class MemorySettings:
-    """How to measure memory. ``batch_size`` matches ``harness.suites.MemoryConfig``."""
-
-    batch_size: int = 16
-    device: str = "cpu"
-    threads: int = 1
-    isolate: bool = True
-    per_exit: bool = True
-    repeats: int = 3
-    torch_accounting: bool = True
-    method: str = "auto"
-    mmap_threshold: int = 65536
-    seed: int = 0
-    timeout_s: float = 600.0
-    plugins: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "threads", "repeats", "mmap_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "mmap_threshold" else 1):
-                raise ValueError(f"memory setting {name!r} must be a whole number >= 1, got {value!r}")
-        if self.method not in CPU_METHODS:
-            raise ValueError(f"memory setting 'method' is {self.method!r}; allowed: {', '.join(CPU_METHODS)}")
-        object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: Mapping[str, Any]) -> "MemorySettings":
-        data = dict(data)
-        data["plugins"] = tuple(data.get("plugins") or ())
-        return MemorySettings(**data)
+MiB = float(2**20)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -121,13 +87,6 @@ def can_reset_peak_rss() -> bool:
     return sys.platform.startswith("linux") and os.path.exists(path) and os.access(path, os.W_OK)
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _maxrss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
@@ -146,7 +105,7 @@ def cpu_peak_vmhwm(fn: Callable[[], Any], repeats: int = 3, warmup: int = 2) -> 
     peaks, bases = [], []
     for _ in range(repeats):
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         base = _proc_status()["VmRSS"]
         if not reset_peak_rss():
             raise MeasurementError("cannot reset VmHWM (/proc/self/clear_refs is not writable); use method='ru_maxrss'")
@@ -155,14 +114,15 @@ def cpu_peak_vmhwm(fn: Callable[[], Any], repeats: int = 3, warmup: int = 2) -> 
         del out
         peaks.append(max(0, peak - base))
         bases.append(base)
-    return {"bytes": sorted(peaks)[len(peaks) // 2], "samples_bytes": peaks, "baseline_rss_bytes": bases[0], "method": "vmhwm"}
+    return {"bytes": sorted(peaks)[len(peaks) // 2], "samples_bytes": peaks, "baseline_rss_bytes": bases[0],
+            "method": "vmhwm"}
 
 
 def cpu_peak_maxrss(fn: Callable[[], Any]) -> dict[str, Any]:
     """One call (the first in this process, no warm-up): ru_maxrss after it minus VmRSS before it,
     in bytes. ``bytes`` is None when ru_maxrss did not rise (the process's earlier peak hides it)."""
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     base = _proc_status()["VmRSS"]
     before = _maxrss_bytes()
     out = fn()
@@ -305,8 +265,8 @@ def _path_rows(fn: Callable[[], Any], k: int | None, method: str, device: str, s
     detail = {**base, **path, **{key: v for key, v in m.items() if key != "bytes"}}
     if m["bytes"] is None:
         return [field_row("memory_peak_activations", None, "MiB", fields, exit=k, detail=detail,
-                         error="ru_maxrss did not rise above the process's earlier peak; the activation peak is at most "
-                               f"{m['earlier_peak_above_baseline_bytes'] / MiB:.2f} MiB")]
+                         error="ru_maxrss did not rise above the process's earlier peak; the activation peak is "
+                               f"at most {m['earlier_peak_above_baseline_bytes'] / MiB:.2f} MiB")]
     rows = [field_row("memory_peak_activations", m["bytes"] / MiB, "MiB", fields, exit=k, detail=detail)]
     if settings.torch_accounting and method == "vmhwm":
         t = torch_peak_bytes(fn)
@@ -350,5 +310,6 @@ def memory_rows(spec: ModelSpec, checkpoint: Path | str | None, input_shape: Seq
             rows.extend(run_worker(j, env, settings.timeout_s, fresh_maxrss=method == "ru_maxrss"))
         except MeasurementError as exc:
             fields = {**row_fields, "device": row_fields.get("device") or device, "batch_size": settings.batch_size}
-            rows.append(field_row("memory_peak_activations", None, "MiB", fields, error=str(exc), detail={"isolated": True}))
+            rows.append(field_row("memory_peak_activations", None, "MiB", fields, error=str(exc),
+                                  detail={"isolated": True}))
     return rows

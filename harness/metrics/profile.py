@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from harness.metrics import check_device
+from harness.devices import check_device
 from harness.metrics.flops import count_macs, eval_mode
-from harness.metrics.latency import set_threads
+from harness.metrics.timing import set_threads
 
 
 def _input_shape(input_size: int | Sequence[int], in_chans: int) -> tuple[int, ...]:
@@ -34,7 +35,8 @@ def _input_shape(input_size: int | Sequence[int], in_chans: int) -> tuple[int, .
     return shape
 
 
-def _module_times(model: nn.Module, x: torch.Tensor, device: str, repeats: int, warmup: int) -> tuple[dict[nn.Module, float], Counter]:
+def _module_times(model: nn.Module, x: torch.Tensor, device: str, repeats: int,
+                  warmup: int) -> tuple[dict[nn.Module, float], Counter]:
     cuda = device.startswith("cuda")
     starts: dict[nn.Module, list[int]] = defaultdict(list)
     total_ns: dict[nn.Module, float] = defaultdict(float)
@@ -66,9 +68,10 @@ def _module_times(model: nn.Module, x: torch.Tensor, device: str, repeats: int, 
     return {m: t / repeats / 1e6 for m, t in total_ns.items()}, calls
 
 
-def profile_model(model: str | nn.Module, input_size: int | Sequence[int] = 32, device: str = "cpu", batch_size: int = 1, *,
-                  in_chans: int = 3, num_classes: int = 10, kwargs: dict[str, Any] | None = None, repeats: int = 5,
-                  warmup: int = 2, threads: int | None = None) -> list[dict[str, Any]]:
+def profile_model(model: str | nn.Module, input_size: int | Sequence[int] = 32, device: str = "cpu",
+                  batch_size: int = 1, *, in_chans: int = 3, num_classes: int = 10,
+                  kwargs: dict[str, Any] | None = None, repeats: int = 5, warmup: int = 2,
+                  threads: int | None = None) -> list[dict[str, Any]]:
     """One dict per module (depth-first order): module, type, depth, params, macs, macs_share,
     time_ms, time_share, calls. ``model`` is a registry name or a module."""
     device = check_device(device)
@@ -90,7 +93,8 @@ def profile_model(model: str | nn.Module, input_size: int | Sequence[int] = 32, 
         if previous:
             torch.set_num_threads(previous["threads"])
     root = type(model).__name__
-    by_module = {(k[len(root) + 1:] if k.startswith(root + ".") else ("" if k == root else k)): v for k, v in macs.by_module.items()}
+    by_module = {(k[len(root) + 1:] if k.startswith(root + ".") else ("" if k == root else k)): v
+                 for k, v in macs.by_module.items()}
     total_time = times.get(model, 0.0)
     table = []
     for name, mod in model.named_modules():
@@ -99,7 +103,8 @@ def profile_model(model: str | nn.Module, input_size: int | Sequence[int] = 32, 
         t = times.get(mod, 0.0)
         table.append({"module": name or root, "type": type(mod).__name__, "depth": name.count(".") + 1 if name else 0,
                       "params": int(params), "macs": m, "macs_share": m / macs.total if macs.total else 0.0,
-                      "time_ms": t, "time_share": t / total_time if total_time else 0.0, "calls": calls.get(mod, 0) // max(repeats, 1),
+                      "time_ms": t, "time_share": t / total_time if total_time else 0.0,
+                      "calls": calls.get(mod, 0) // max(repeats, 1),
                       "batch_size": batch_size, "input_shape": [batch_size, *shape], "device": device})
     if macs.unsupported_ops:
         table[0]["unsupported_ops"] = macs.unsupported_ops

@@ -9,8 +9,17 @@ from torch import nn
 from harness import contract
 from harness.early_exit import EarlyExitNetwork
 from harness.metrics import (
-    ZERO_MAC_OPS, MacCounter, build_cost_table, cost_rows, count_macs, expected_macs, fvcore_count, oracle_check, oracle_rows,
-    parameter_counts, trace_histograms,
+    ZERO_MAC_OPS,
+    MacCounter,
+    build_cost_table,
+    cost_rows,
+    count_macs,
+    expected_macs,
+    fvcore_count,
+    oracle_check,
+    oracle_rows,
+    parameter_counts,
+    trace_histograms,
 )
 from harness.policies import ConfidencePolicy
 from harness.registry import create_model, list_models, model_card
@@ -20,12 +29,13 @@ def median_confidence_policy(model, x):
     """Thresholds = per-exit median max-softmax on the batch, so samples spread over the exits."""
     with torch.no_grad():
         logits = contract.forward_exits(model, x)[:-1]
-    return ConfidencePolicy(thresholds=tuple(torch.softmax(l, -1).amax(-1).quantile(0.5).item() for l in logits))
+    return ConfidencePolicy(thresholds=tuple(torch.softmax(t, -1).amax(-1).quantile(0.5).item() for t in logits))
 
 
 # ----- hand-computed formulas ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,cin,cout,k,stride,groups,hw", [(1, 3, 8, 3, 1, 1, 8), (2, 4, 6, 3, 2, 2, 9), (3, 8, 8, 1, 1, 8, 5)])
+@pytest.mark.parametrize("n,cin,cout,k,stride,groups,hw",
+                         [(1, 3, 8, 3, 1, 1, 8), (2, 4, 6, 3, 2, 2, 9), (3, 8, 8, 1, 1, 8, 5)])
 def test_conv_macs_by_hand(n, cin, cout, k, stride, groups, hw):
     conv = nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups)
     x = torch.randn(n, cin, hw, hw)
@@ -88,7 +98,8 @@ def test_multi_head_attention_by_hand_in_train_and_fused_eval_mode():
 def test_fused_attention_kernels_by_hand():
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
     assert count_macs(F.scaled_dot_product_attention, q, k, v).total == 2 * 3 * 5 * 7 * (4 + 6)
-    assert count_macs(lambda: torch.matmul(torch.softmax(q @ k.transpose(-2, -1), -1), v)).total == 2 * 3 * 5 * 7 * (4 + 6)
+    assert (count_macs(lambda: torch.matmul(torch.softmax(q @ k.transpose(-2, -1), -1), v)).total
+            == 2 * 3 * 5 * 7 * (4 + 6))
     # training (CPU flash kernel): forward L*S*2E, backward recomputes Q K^T then four products, L*S*5E
     q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
     with MacCounter() as counter:
@@ -181,7 +192,7 @@ def test_cost_tables_by_hand(tiny_models):
     assert dict(gated) == {"base": 1184, "block_0": 2304, "block_1": 2304, "block_2": 2304}
     routed = build_cost_table(tiny_models["tiny_routed"](), x)
     assert routed["base"] == 532
-    assert [routed[f"expert_{l}_{e}"] for l in range(2) for e in range(3)] == [16, 32, 48] * 2
+    assert [routed[f"expert_{layer}_{e}"] for layer in range(2) for e in range(3)] == [16, 32, 48] * 2
 
 
 def test_cost_table_keeps_training_flags_and_checks_its_input(tiny_models):
@@ -270,7 +281,8 @@ def test_oracle_rows_flag_a_wrong_cost_table(tiny_models):
 
 def test_early_exit_cascade_from_the_harness():
     torch.manual_seed(0)
-    stages = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
+    stages = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
     heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)) for _ in stages]
     net = EarlyExitNetwork(stages, heads).eval()
     x = torch.randn(10, 1, 6, 6)

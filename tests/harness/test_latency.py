@@ -13,10 +13,17 @@ from torch import nn
 
 from harness import contract
 from harness.metrics import (
-    LatencySettings, MeasurementError, latency_rows, measure_latency, overhead_rows, summarize, time_calls,
+    LatencySettings,
+    MeasurementError,
+    latency_rows,
+    measure_latency,
+    overhead_rows,
+    summarize,
+    time_calls,
     timer_cross_check,
 )
-from harness.metrics.latency import policy_description, resolve_policy, run_worker, worker_env
+from harness.metrics.isolation import run_worker, worker_env
+from harness.metrics.settings import StreamPoint, as_stream_point, policy_description, resolve_policy
 from harness.policies import ConfidencePolicy, ExitPolicy
 from harness.registry import ModelSpec
 
@@ -30,7 +37,7 @@ def by(rows, **match):
 def median_policy(model, x):
     with torch.no_grad():
         logits = contract.forward_exits(model, x)[:-1]
-    return ConfidencePolicy(thresholds=tuple(torch.softmax(l, -1).amax(-1).quantile(0.5).item() for l in logits))
+    return ConfidencePolicy(thresholds=tuple(torch.softmax(t, -1).amax(-1).quantile(0.5).item() for t in logits))
 
 
 def test_summarize_matches_numpy_and_p99_needs_100_samples():
@@ -58,26 +65,28 @@ def test_per_exit_stream_prediction_and_batched_modes(tiny_models):
     model = tiny_models["tiny_two_exit"]().eval()
     x = torch.randn(40, 2, 4, 4)
     policy = median_policy(model, x)
-    settings = LatencySettings(batch_sizes=(1, 8), policies=(policy,), isolate=False, threads=1, **FAST)
+    point = StreamPoint("confidence@budget0.5", None, policy)  # the key its accuracy and cost rows carry
+    settings = LatencySettings(batch_sizes=(1, 8), policies=(point,), isolate=False, threads=1, **FAST)
     rows = measure_latency(model, x, settings, model="tiny", dataset="synthetic")
     forced = by(rows, metric="latency", policy="")
     assert sorted((r["batch_size"], r["exit"]) for r in forced) == [(1, 0), (1, 1), (8, 0), (8, 1)]
     assert all(r["n"] == 5 and r["p99"] is None and r["p50"] > 0 and r["unit"] == "ms" for r in forced)
     assert all(r["model"] == "tiny" and r["device"] == "cpu" for r in rows)
-    label = policy.describe()
-    (stream,) = by(rows, metric="latency", policy=label, batch_size=1)
+    key = {"policy": "confidence@budget0.5", "threshold": None}
+    (stream,) = by(rows, metric="latency", batch_size=1, **key)
     detail = json.loads(stream["detail"])
+    assert detail["policy_description"] == policy.describe()
     assert stream["n"] == 20 and detail["threads"] == 1 and detail["mode"] == "compact"
     # two paths to the exit fractions: the timed stream vs the policy simulated on all exits at once
     simulated = policy.simulate(model.forward_exits(x[:20]))
     assert detail["exit_fractions"] == [int((simulated == k).sum()) / 20 for k in range(2)]
-    (pred,) = by(rows, metric="latency_predicted", policy=label)
+    (pred,) = by(rows, metric="latency_predicted", **key)
     pdetail = json.loads(pred["detail"])
     exit_means = [by(forced, batch_size=1, exit=k)[0]["value"] for k in range(2)]
     assert pdetail["exit_latency_ms"] == exit_means
     assert pred["value"] == pytest.approx(sum(p * t for p, t in zip(detail["exit_fractions"], exit_means)))
-    (compact,) = by(rows, metric="latency", policy=label, batch_size=8)
-    (masked,) = by(rows, metric="latency_masked", policy=label, batch_size=8)
+    (compact,) = by(rows, metric="latency", batch_size=8, **key)
+    (masked,) = by(rows, metric="latency_masked", batch_size=8, **key)
     assert json.loads(compact["detail"])["mode"] == "compact" and json.loads(masked["detail"])["mode"] == "mask"
 
 
@@ -93,7 +102,8 @@ def test_p99_is_reported_with_100_samples(tiny_models):
 def test_static_model_rows_and_timer_cross_check():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
     rows = measure_latency(model, torch.randn(4, 3, 2, 2), LatencySettings(
-        isolate=False, warmup=1, repeats=5, cross_check=True, cross_check_rounds=1, policies=({"name": "confidence", "thresholds": [0.5]},)))
+        isolate=False, warmup=1, repeats=5, cross_check=True, cross_check_rounds=1,
+        policies=({"name": "confidence", "thresholds": [0.5]},)))
     assert [r["metric"] for r in rows] == ["latency", "latency_timer_ratio"]  # policies do not apply to static models
     ratio = rows[1]
     detail = json.loads(ratio["detail"])
@@ -135,13 +145,19 @@ def test_policies_travel_to_workers_as_descriptions():
     label, rebuilt = resolve_policy(desc)
     assert label == policy.describe() and rebuilt == policy
     assert resolve_policy(None) == ("default", None)
+    point = StreamPoint("confidence@budget0.25", None, policy)
+    sent = policy_description(point)
+    assert sent == {"point": {"policy": "confidence@budget0.25", "threshold": None}, "decider": desc}
+    assert as_stream_point(sent) == StreamPoint("confidence@budget0.25", None, desc)
+    assert resolve_policy(sent) == (policy.describe(), policy)
 
     class Custom(ExitPolicy):
         def decide(self, k, logits, state):
             return torch.ones(logits.shape[0], dtype=torch.bool), state
 
     with pytest.raises(ValueError, match="isolate=False"):
-        latency_rows(ModelSpec("linear"), None, torch.randn(2, 3, 8, 8), LatencySettings(policies=(Custom(thresholds=(1.0,), name="confidence"),)))
+        latency_rows(ModelSpec("linear"), None, torch.randn(2, 3, 8, 8),
+                     LatencySettings(policies=(Custom(thresholds=(1.0,), name="confidence"),)))
 
 
 def test_isolated_worker_matches_in_process_structure():
@@ -168,7 +184,9 @@ def test_isolated_dynamic_model_via_plugin_and_checkpoint(tiny_registry, tmp_pat
     rows = latency_rows(spec, ckpt, x, settings, model="tiny_two_exit")
     assert all(r["error"] == "" for r in rows), rows
     expected = policy.simulate(model.forward_exits(x)).bincount(minlength=2).div(16).tolist()
-    (stream,) = by(rows, metric="latency", policy=policy.describe())
+    # a bare policy is keyed by its name and its one threshold, as the sweep's accuracy rows are
+    (stream,) = by(rows, metric="latency", policy="confidence", threshold=policy.thresholds[0])
+    assert json.loads(stream["detail"])["policy_description"] == policy.describe()
     # the worker loaded the checkpoint's weights: its exits match this process's model
     assert json.loads(stream["detail"])["exit_fractions"] == pytest.approx(expected)
     assert by(rows, metric="latency_predicted")

@@ -102,7 +102,8 @@ def test_isolated_peak_of_a_known_activation_agrees_with_torch(blob):
 def test_ru_maxrss_fallback_in_fresh_processes(blob):
     shape, batch = (3, 64, 64), 16
     expected = blob_activation_mib(batch, shape)  # 96 MiB: above anything the process peaked at before
-    rows = memory_rows(ModelSpec("memtest_blob"), None, shape, MemorySettings(batch_size=batch, method="ru_maxrss", plugins=(blob,)))
+    rows = memory_rows(ModelSpec("memtest_blob"), None, shape,
+                       MemorySettings(batch_size=batch, method="ru_maxrss", plugins=(blob,)))
     peak = [r for r in rows if r["metric"] == "memory_peak_activations"][0]
     assert peak["error"] == "", peak
     assert json.loads(peak["detail"])["method"] == "ru_maxrss"
@@ -111,10 +112,11 @@ def test_ru_maxrss_fallback_in_fresh_processes(blob):
 
 def test_in_process_rows_cover_every_forced_exit(tiny_models):
     model = tiny_models["tiny_two_exit"]()
-    rows = measure_memory(model, (2, 4, 4), MemorySettings(batch_size=2, isolate=False, repeats=1, torch_accounting=False),
-                          model="tiny")
+    rows = measure_memory(model, (2, 4, 4),
+                          MemorySettings(batch_size=2, isolate=False, repeats=1, torch_accounting=False), model="tiny")
     assert [(r["metric"], r["exit"]) for r in rows] == [
-        ("memory_weights", None), ("memory_peak_activations", None), ("memory_peak_activations", 0), ("memory_peak_activations", 1)]
+        ("memory_weights", None), ("memory_peak_activations", None), ("memory_peak_activations", 0),
+        ("memory_peak_activations", 1)]
     assert rows[0]["value"] == weight_bytes(model) / MiB
     assert all(r["value"] >= 0 and r["model"] == "tiny" and r["device"] == "cpu" for r in rows)
     assert model.training  # measured in eval mode, restored afterwards
@@ -139,7 +141,8 @@ def test_bad_input_raises():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_peak_of_a_known_activation(blob):
     shape, batch = (3, 64, 64), 4
-    rows = memory_rows(ModelSpec("memtest_blob"), None, shape, MemorySettings(batch_size=batch, device="cuda", plugins=(blob,)))
+    rows = memory_rows(ModelSpec("memtest_blob"), None, shape,
+                       MemorySettings(batch_size=batch, device="cuda", plugins=(blob,)))
     by = {r["metric"]: r for r in rows}
     expected = blob_activation_mib(batch, shape)
     assert by["memory_peak_activations"]["value"] == pytest.approx(expected, rel=0.02)

@@ -7,7 +7,8 @@ from harness.metrics import count_macs, format_profile, profile_model
 
 
 def test_resnet20_profile_adds_up():
-    table = profile_model("resnet20", input_size=32, device="cpu", batch_size=2, in_chans=3, num_classes=10, repeats=2, warmup=1)
+    table = profile_model("resnet20", input_size=32, device="cpu", batch_size=2, in_chans=3, num_classes=10, repeats=2,
+                          warmup=1)
     rows = {r["module"]: r for r in table}
     root = table[0]
     assert root["module"] == "CifarResNet" and root["depth"] == 0
