@@ -16,10 +16,9 @@ exits, gates or experts implement :class:`DynamicModel` on top of that:
   A trace's ``unit_counts[name][n]`` says how often sample ``n`` executed that unit, so the
   executed MACs of sample n are ``sum_u unit_counts[u][n] * macs[u]``.
 
-Optional hooks the trainer honours: ``on_train_epoch(epoch, epochs)`` before every epoch (e.g.
-SDN's loss-weight ramp), ``on_train_end(train_set, batch_size, device)`` after the last epoch, before
-the final checkpoint (e.g. FractalNet's batch-norm statistics per inference path), and ``ddp_find_unused_parameters`` (bool) for DistributedDataParallel
-(default: True for gated and routed models).
+Optional hooks: a model may define any of the attributes in :data:`OPTIONAL_HOOKS`; the engine
+reads them only through the functions of the same name below, which supply the defaults, so no
+part of the engine knows a model family.
 
 Static models are the one-exit case; the module-level functions below (``num_exits``,
 ``forward_exits`` ...) give every ``nn.Module`` the full protocol so every metric works on every
@@ -27,9 +26,11 @@ model.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,7 +59,7 @@ class Trace:
     def __len__(self) -> int:
         return int(self.exit_index.shape[0])
 
-    def to(self, device: torch.device | str) -> "Trace":
+    def to(self, device: torch.device | str) -> Trace:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Trace(
             exit_index=self.exit_index.to(device),
@@ -69,7 +70,7 @@ class Trace:
         )
 
     @staticmethod
-    def concat(traces: Sequence["Trace"]) -> "Trace":
+    def concat(traces: Sequence[Trace]) -> Trace:
         """Concatenate traces of consecutive batches along the sample axis."""
         if not traces:
             raise ValueError("Trace.concat needs at least one trace")
@@ -218,3 +219,84 @@ class LossTermsModule(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         return loss_terms(self.model, x, y)
+
+
+# ----- optional hooks ------------------------------------------------------------------------------
+
+OPTIONAL_HOOKS: dict[str, str] = {
+    "active_parameters": "method () -> int: parameters one sample uses (routed models); default: none reported",
+    "full_network_is_exit": "bool: False when forward() is not one of the exits (FractalNet joins all columns); "
+                            "the runner then also reports the full network's accuracy (top1_full); default True",
+    "extra_results": "method (x: Tensor [N, C, H, W] of test images, eval mode, no grad) -> ModelExtras: "
+                     "model-specific rows and artifacts (FractalBrainNet's pattern analysis); default: nothing",
+    "on_train_epoch": "method (epoch, epochs) -> None, called before every training epoch (SDN's loss-weight ramp)",
+    "on_train_end": "method (train_set, batch_size, device) -> None, after the last epoch and before the final "
+                    "checkpoint (FractalNet's batch-norm statistics per inference path)",
+    "ddp_find_unused_parameters": "bool for DistributedDataParallel; default True for gated and routed models",
+}
+"""Every optional hook a model may define: name -> what it is and its default."""
+
+UNUSED_PARAMETER_KINDS = ("routed", "gated")
+"""Dynamic kinds whose training steps can leave parameters out (experts not chosen, blocks skipped)."""
+
+
+@dataclass(frozen=True)
+class ExtraRow:
+    """One model-specific result: ``metric`` (in :mod:`harness.catalogue`), value, unit and extra
+    row fields (e.g. ``exit``, ``split``, ``detail``)."""
+
+    metric: str
+    value: float | None
+    unit: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelExtras:
+    """What :func:`extra_results` returns: result rows and artifacts (name -> array, stored as .npy)."""
+
+    rows: list[ExtraRow] = field(default_factory=list)
+    artifacts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def active_parameters(model: nn.Module) -> int | None:
+    hook = getattr(model, "active_parameters", None)
+    return int(hook()) if callable(hook) else None
+
+
+def full_network_is_exit(model: nn.Module) -> bool:
+    return bool(getattr(model, "full_network_is_exit", True))
+
+
+def extra_results(model: nn.Module, x: Tensor) -> ModelExtras:
+    hook = getattr(model, "extra_results", None)
+    if not callable(hook):
+        return ModelExtras()
+    extras = hook(x)
+    if not isinstance(extras, ModelExtras):
+        raise TypeError(f"{type(model).__name__}.extra_results must return harness.contract.ModelExtras, "
+                        f"got {type(extras).__name__}")
+    return extras
+
+
+def on_train_epoch(model: nn.Module, epoch: int, epochs: int) -> None:
+    hook = getattr(model, "on_train_epoch", None)
+    if callable(hook):
+        hook(epoch, epochs)
+
+
+def on_train_end(model: nn.Module, train_set: Any, batch_size: int, device: Any) -> None:
+    hook = getattr(model, "on_train_end", None)
+    if callable(hook):
+        hook(train_set, batch_size, device)
+
+
+def ddp_find_unused_parameters(model: nn.Module) -> bool:
+    """Whether DistributedDataParallel must look for parameters that got no gradient in a step:
+    the model's own ``ddp_find_unused_parameters`` when it sets one (FractalNet: drop-path runs a
+    single column for part of a batch), else True for routed and gated models. Without it DDP fails
+    on the next step ("Expected to have finished reduction in the prior iteration ...")."""
+    flag = getattr(model, "ddp_find_unused_parameters", None)
+    if flag is not None:
+        return bool(flag)
+    return dynamic_kind(model) in UNUSED_PARAMETER_KINDS

@@ -24,7 +24,8 @@ def _loader(ds: Dataset, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
-def collect_exit_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu") -> tuple[list[Tensor], Tensor]:
+def collect_exit_logits(model: nn.Module, ds: Dataset, batch_size: int = 256,
+                        device: str = "cpu") -> tuple[list[Tensor], Tensor]:
     """Logits of every exit for every sample (list of K tensors [N, C], on CPU) and the labels."""
     model.eval().to(device)
     per_exit: list[list[Tensor]] = []
@@ -37,6 +38,18 @@ def collect_exit_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, de
             per_exit[k].append(o.float().cpu())
         labels.append(y)
     return [torch.cat(p) for p in per_exit], torch.cat(labels)
+
+
+@torch.no_grad()
+def forward_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """``model(x)`` for every sample (logits [N, C] on CPU) and the labels: the plain forward,
+    which for most models is the last exit and for some (FractalNet) the joined full network."""
+    model.eval().to(device)
+    logits, labels = [], []
+    for x, y in _loader(ds, batch_size):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -53,13 +66,16 @@ def run_policy(model: nn.Module, ds: Dataset, policy: Any = None, batch_size: in
     return torch.cat(logits), Trace.concat(traces), torch.cat(labels)
 
 
-def accuracy_rows(exit_logits: list[Tensor], labels: Tensor, num_classes: int, split: str = "test", **fields: Any) -> list[dict[str, Any]]:
+def accuracy_rows(exit_logits: list[Tensor], labels: Tensor, num_classes: int, split: str = "test",
+                  **fields: Any) -> list[dict[str, Any]]:
     """Rows of top-1 (and top-5 when classes > 5) accuracy per exit."""
     from harness.results import make_row
 
     rows = []
     for k, logits in enumerate(exit_logits):
-        rows.append(make_row("top1", topk_accuracy(logits, labels, 1), "%", exit=k, split=split, n=len(labels), **fields))
+        rows.append(make_row("top1", topk_accuracy(logits, labels, 1), "%", exit=k, split=split, n=len(labels),
+                             **fields))
         if num_classes > 5:
-            rows.append(make_row("top5", topk_accuracy(logits, labels, 5), "%", exit=k, split=split, n=len(labels), **fields))
+            rows.append(make_row("top5", topk_accuracy(logits, labels, 5), "%", exit=k, split=split, n=len(labels),
+                                 **fields))
     return rows

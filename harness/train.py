@@ -17,16 +17,18 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from harness.checkpoints import CheckpointError, read_checkpoint, load_model_state, save_checkpoint
-from harness.contract import LossTermsModule, dynamic_kind
+from harness import contract
+from harness.checkpoints import CheckpointError, load_model_state, read_checkpoint, save_checkpoint
+from harness.contract import LossTermsModule, ddp_find_unused_parameters
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +86,16 @@ def distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-UNUSED_PARAMETER_KINDS = ("routed", "gated")
-"""Dynamic kinds whose training steps can leave parameters out (experts not chosen, blocks skipped)."""
-
-
-def ddp_find_unused_parameters(model: nn.Module) -> bool:
-    """Whether DistributedDataParallel must look for parameters that got no gradient in a step.
-
-    The model's own ``ddp_find_unused_parameters`` attribute when it sets one (FractalNet: drop-path
-    runs a single column for part of a batch), else True for routed and gated models. Without it DDP
-    fails on the next step ("Expected to have finished reduction in the prior iteration ...").
-    """
-    flag = getattr(model, "ddp_find_unused_parameters", None)
-    if flag is not None:
-        return bool(flag)
-    return dynamic_kind(model) in UNUSED_PARAMETER_KINDS
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -118,77 +105,103 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, device: str = "cpu",
-                checkpoint: Path | None = None, spec: dict[str, Any] | None = None,
-                progress: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train ``model`` in place for ``cfg.epochs`` epochs; resume from ``checkpoint`` if it exists."""
+@dataclass
+class _Loop:
+    """One training run's moving parts (built by :func:`train_model`)."""
+
+    objective: nn.Module
+    sampler: DistributedSampler
+    loader: DataLoader
+    steps: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rank: int
+
+
+def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig) -> _Loop:
     rank, world = distributed_env()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    seed_everything(cfg.seed)
-    model.to(device)
     objective: nn.Module = LossTermsModule(model)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=ddp_find_unused_parameters(model))
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)  # type: ignore[arg-type]
+        objective = nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=ddp_find_unused_parameters(model))
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,  # type: ignore[arg-type]
+                                 seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True, num_workers=0)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     if steps == 0:
-        raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one batch ({cfg.batch_size})")  # type: ignore[arg-type]
+        raise ValueError(f"the training set ({len(train_set)} samples) is smaller "  # type: ignore[arg-type]
+                         f"than one batch ({cfg.batch_size})")
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, steps)
-    start_epoch, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        state = read_checkpoint(checkpoint)
-        load_model_state(model, state, checkpoint)
-        try:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {checkpoint} has optimizer state that does not fit: {exc}") from None
-        start_epoch = int(state["epoch"])
-        history = list(state.get("extra", {}).get("history", []))
-        log.info("resumed %s at epoch %d", checkpoint, start_epoch)
+    return _Loop(objective, sampler, loader, steps, opt, make_scheduler(opt, cfg, steps), rank)
+
+
+def _resume(model: nn.Module, loop: _Loop, checkpoint: Path | None) -> tuple[int, list[dict[str, float]]]:
+    """(first epoch to run, history so far) from ``checkpoint`` when it exists, else (0, [])."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0, []
+    state = read_checkpoint(checkpoint)
+    load_model_state(model, state, checkpoint)
+    try:
+        loop.opt.load_state_dict(state["optimizer"])
+        loop.sched.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} has optimizer state that does not fit: {exc}") from None
+    log.info("resumed %s at epoch %d", checkpoint, int(state["epoch"]))
+    return int(state["epoch"]), list(state.get("extra", {}).get("history", []))
+
+
+def _train_epoch(loop: _Loop, epoch: int, cfg: TrainConfig, device: str, progress: bool) -> dict[str, float]:
+    """One epoch of optimisation; the epoch mean of every loss term (and of their sum, ``loss``)."""
+    sums: dict[str, float] = {}
+    bar = _progress(loop.steps, f"epoch {epoch + 1}/{cfg.epochs}", progress and loop.rank == 0)
+    for step, (x, y) in enumerate(loop.loader):
+        if step >= loop.steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        terms = loop.objective(x, y)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise TrainingError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} ({detail}); "
+                                "lower the learning rate or check the data")
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.opt.step()
+        loop.sched.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    if bar is not None:
+        bar.close()
+    return {k: v / loop.steps for k, v in sums.items()}
+
+
+def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, device: str = "cpu",
+                checkpoint: Path | None = None, spec: dict[str, Any] | None = None, progress: bool = False,
+                on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs; resume from ``checkpoint`` if it exists."""
+    seed_everything(cfg.seed)
+    model.to(device)
+    loop = _make_loop(model, train_set, cfg)
+    start_epoch, history = _resume(model, loop, checkpoint)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        schedule = getattr(model, "on_train_epoch", None)  # e.g. SDN's loss-weight ramp
-        if callable(schedule):
-            schedule(epoch, cfg.epochs)
-        sampler.set_epoch(epoch)
+        contract.on_train_epoch(model, epoch, cfg.epochs)  # e.g. SDN's loss-weight ramp
+        loop.sampler.set_epoch(epoch)
         # a per-epoch generator keeps augmentation identical whether or not training was resumed
         torch.manual_seed(cfg.seed * 1000 + epoch)
-        sums: dict[str, float] = {}
-        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
-        for step, (x, y) in enumerate(loader):
-            if step >= steps:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            terms = objective(x, y)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                raise TrainingError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} ({detail}); "
-                                    "lower the learning rate or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-        if bar is not None:
-            bar.close()
-        means = {k: v / steps for k, v in sums.items()}
+        means = _train_epoch(loop, epoch, cfg, device, progress)
         history.append(means)
-        finish = getattr(model, "on_train_end", None)  # e.g. FractalNet's BN statistics per path
-        if epoch == cfg.epochs - 1 and callable(finish):
-            finish(train_set, cfg.batch_size, device)
-        if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, spec=spec, optimizer=opt, scheduler=sched, epoch=epoch + 1,
+        if epoch == cfg.epochs - 1:
+            contract.on_train_end(model, train_set, cfg.batch_size, device)  # e.g. FractalNet's BN per path
+        if checkpoint is not None and loop.rank == 0:
+            save_checkpoint(checkpoint, model, spec=spec, optimizer=loop.opt, scheduler=loop.sched, epoch=epoch + 1,
                             extra={"history": history})
         if on_epoch is not None:
             on_epoch(epoch + 1, means)

@@ -1,0 +1,384 @@
+"""The measurement steps of a cell, and the typed state they share.
+
+Each :class:`Step` declares the suite metrics that ask for it (``wanted_by``; empty: every cell;
+``on_demand``: only when another chosen step needs what it produces),
+whether it applies to the cell's model, the :class:`CellState` fields it needs (they must have been
+produced by an earlier step), the fields it may read if present, and the fields it produces.
+:func:`plan_steps` picks the wanted steps that apply, adds the producers of what they need, and
+keeps the one order of :data:`STEPS`; :func:`check_step_order` proves that order is consistent.
+
+An operating point (:class:`OperatingPoint`) is keyed by ``policy`` and ``threshold`` on every row
+that describes it: its accuracy, its expected cost and its latency.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from harness import calibration, contract
+from harness.data import DataSplits, input_shape
+from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy
+from harness.metrics.flops import CostTable, build_cost_table, cost_rows, expected_cost_rows, oracle_rows
+from harness.metrics.settings import StreamPoint
+from harness.policies import ExitPolicy, make_policy
+from harness.registry import ModelSpec
+from harness.results import RunStore, make_row
+from harness.suites import PolicyConfig, Suite, sweep_train_config, train_config_for
+from harness.train import train_model
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass
+class ExitLogits:
+    """Logits of every exit on one split (K tensors [N, classes], on the CPU) and the labels [N]."""
+
+    logits: list[Tensor]
+    labels: Tensor
+
+
+@dataclass
+class OperatingPoint:
+    """One way to run a dynamic model. ``policy`` names it (``confidence``, ``confidence@budget0.25``,
+    ``gates``, ``router``), ``threshold`` is the grid value (None for fitted or learned points),
+    ``decider`` the ExitPolicy (None: the model's own gates or router), ``fitted_on`` the split its
+    thresholds came from, ``trace`` the test split's per-sample trace once it has run."""
+
+    policy: str
+    threshold: float | None
+    decider: ExitPolicy | None
+    fitted_on: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    trace: contract.Trace | None = None
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The row fields that identify this point on accuracy, cost and latency rows."""
+        return {"policy": self.policy, "threshold": self.threshold}
+
+    @property
+    def is_budget_fit(self) -> bool:
+        return "budget_fraction" in self.detail
+
+
+@dataclass
+class CellState:
+    """What the steps of one cell share. The first fields are given; the rest are produced by steps."""
+
+    cell: Any  # harness.runner.Cell
+    suite: Suite
+    store: RunStore
+    splits: DataSplits
+    spec: ModelSpec
+    model: nn.Module
+    fields: dict[str, Any]
+    progress: bool = False
+    checkpoint: Path | None = None  # produced by train (when it trains)
+    weights: Path | None = None  # produced by save_weights: the model as measured, for worker processes
+    test_exits: ExitLogits | None = None
+    val_exits: ExitLogits | None = None
+    cost_table: CostTable | None = None
+    points: list[OperatingPoint] = field(default_factory=list)
+
+    def row(self, metric: str, value: float | None, unit: str, **extra: Any) -> dict[str, Any]:
+        return make_row(metric, value, unit, **{**self.fields, **extra})
+
+    def need(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"step input {name!r} was not produced by an earlier step (see harness.steps.STEPS)")
+        return value
+
+    @property
+    def device(self) -> str:
+        return self.cell.device
+
+    @property
+    def kind(self) -> str:
+        return contract.dynamic_kind(self.model)
+
+
+def _inputs(ds: Any, limit: int | None = None) -> Tensor:
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+# ----- steps --------------------------------------------------------------------------------------
+
+def step_parameters(s: CellState) -> Rows:
+    rows = [s.row("params", sum(p.numel() for p in s.model.parameters()), "count")]
+    active = contract.active_parameters(s.model)
+    if active is not None:
+        rows.append(s.row("params_active", active, "count"))
+    return rows
+
+
+def _train_rows(s: CellState, result: Any, epochs: int, **point: Any) -> Rows:
+    rows = [s.row("train_seconds", result.seconds, "s", split="train", **point,
+                  detail={"epochs": epochs, "resumed_from_epoch": result.resumed_from_epoch})]
+    for term, value in (result.history[-1] if result.history else {}).items():
+        rows.append(s.row(f"train_loss_{term}", value, "nats", split="train", **point))
+    return rows
+
+
+def step_train(s: CellState) -> Rows:
+    cfg = train_config_for(s.suite, s.cell.model)
+    if cfg is None or cfg.epochs == 0 or not any(p.requires_grad for p in s.model.parameters()):
+        return []
+    s.checkpoint = s.store.artifact_dir(s.cell.cell_id) / "model.pt"
+    result = train_model(s.model, s.splits.train, cfg, device=s.device, checkpoint=s.checkpoint,
+                         spec=s.spec.to_dict(), progress=s.progress)
+    return _train_rows(s, result, cfg.epochs)
+
+
+def step_accuracy(s: CellState) -> Rows:
+    """Per-exit accuracy on test (and the exit logits of test and validation for later steps)."""
+    bs = s.suite.eval_batch_size
+    s.test_exits = ExitLogits(*collect_exit_logits(s.model, s.splits.test, bs, s.device))
+    s.val_exits = ExitLogits(*collect_exit_logits(s.model, s.splits.val, bs, s.device))
+    labels = s.test_exits.labels
+    rows = accuracy_rows(s.test_exits.logits, labels, s.splits.num_classes, "test", **s.fields)
+    if not contract.full_network_is_exit(s.model):  # e.g. FractalNet: all columns joined
+        full, labels = forward_logits(s.model, s.splits.test, bs, s.device)
+        rows.append(s.row("top1_full", topk_accuracy(full, labels, 1), "%", split="test", n=len(labels),
+                          detail={"path": "forward(): the full network, which is not one of the exits"}))
+    return rows
+
+
+def step_cost_table(s: CellState) -> Rows:
+    s.model.to(s.device).eval()
+    s.cost_table = build_cost_table(s.model, _inputs(s.splits.test, 1).to(s.device))
+    return []
+
+
+def _score_points(s: CellState, points: list[OperatingPoint]) -> Rows:
+    """Run each point's real dynamic forward on test: its accuracy row, and its trace kept."""
+    rows = []
+    for point in points:
+        logits, point.trace, labels = run_policy(s.model, s.splits.test, point.decider, s.suite.eval_batch_size,
+                                                 s.device)
+        rows.append(s.row("policy_top1", topk_accuracy(logits, labels, 1), "%", **point.key, split="test",
+                          n=len(labels), detail={"fitted_on": point.fitted_on, **point.detail}))
+    s.points.extend(points)
+    return rows
+
+
+def _budget_point(s: CellState, name: str, budget: float) -> OperatingPoint:
+    table, val = s.need("cost_table"), s.need("val_exits")
+    target = budget * table.exits[-1]
+    fit = calibration.fit_to_budget(name, val.logits, list(table.exits), target, split="validation",
+                                    val_labels=val.labels)
+    detail = {"budget_fraction": budget, "budget_macs": target, "thresholds": list(fit.policy.thresholds),
+              "validation_expected_macs": fit.expected_macs, "validation_top1": fit.accuracy,
+              "meets_budget": fit.meets_budget}
+    return OperatingPoint(f"{name}@budget{budget:g}", None, fit.policy, fit.fitted_on, detail)
+
+
+def step_threshold_sweep(s: CellState) -> Rows:
+    """Early-exit models: every policy's threshold grid and the validation-fitted budget points."""
+    val = s.need("val_exits")
+    points = []
+    for cfg in s.suite.policies or (PolicyConfig("confidence"),):
+        grid = cfg.grid or calibration.default_grid(cfg.name, len(val.logits), val.logits[0].shape[-1])
+        points.extend(OperatingPoint(cfg.name, float(t), make_policy(cfg.name, t), "none (grid point)") for t in grid)
+        if cfg.name != "patience":
+            points.extend(_budget_point(s, cfg.name, budget) for budget in s.suite.budgets)
+    return _score_points(s, points)
+
+
+LEARNED_POINT = {"gated": ("gates", "learned gates"), "routed": ("router", "learned router")}
+
+
+def step_learned_decisions(s: CellState) -> Rows:
+    """Gated and routed models: one operating point, the model's own decisions."""
+    label, decisions = LEARNED_POINT[s.kind]
+    return _score_points(s, [OperatingPoint(label, None, None, "train", {"decisions": decisions})])
+
+
+def step_cost(s: CellState) -> Rows:
+    """MACs/FLOPs per forced exit, cost units and fvcore's check; each point's expected MACs; the
+    per-sample oracle on a few points (every third)."""
+    table, sample = s.need("cost_table"), _inputs(s.splits.test, 1).to(s.device)
+    rows = cost_rows(s.model, sample, None, table=table, include_params=False, **s.fields)
+    for point in s.points:
+        rows.extend(expected_cost_rows(point.trace, table, point.policy, **{**s.fields, "threshold": point.threshold}))
+    if s.suite.cost.oracle_samples and s.points:
+        inputs = _inputs(s.splits.test).to(s.device)
+        for point in s.points[:: max(1, len(s.points) // 3)]:
+            rows.extend(oracle_rows(s.model, inputs, table, point.decider, num_samples=s.suite.cost.oracle_samples,
+                                    seed=s.suite.seed, **{**s.fields, **point.key}))
+    return rows
+
+
+def _sweep_model(s: CellState, value: float) -> nn.Module:
+    sweep = s.cell.model.attribute_sweep
+    model = copy.deepcopy(s.model)
+    for key, setting in sweep.set.items():
+        setattr(model, key, setting)
+    setattr(model, sweep.attribute, value)
+    return model
+
+
+def step_attribute_sweep(s: CellState) -> Rows:
+    """A second training stage per value of a model attribute (e.g. SkipNet's hybrid RL stage over
+    ``alpha``), each from the first stage's weights, each with its own checkpoint. Every value is
+    one operating point (policy = the attribute, threshold = the value): the test accuracy of the
+    model's own decisions and its expected MACs (cost table x trace)."""
+    entry, table = s.cell.model, s.need("cost_table")
+    sweep, cfg = entry.attribute_sweep, sweep_train_config(s.suite, entry)
+    for attr in (sweep.attribute, *sweep.set):
+        if not hasattr(s.model, attr):
+            raise ValueError(f"model {entry.display!r} has no attribute {attr!r} for its attribute_sweep")
+    rows: Rows = []
+    for value in sweep.values:
+        model, point = _sweep_model(s, value), {"policy": sweep.attribute, "threshold": value}
+        detail = {"stage": dict(sweep.set), "from": "first-stage weights", "fitted_on": "train"}
+        if cfg is not None and cfg.epochs > 0:
+            name = f"stage2_{_slug(sweep.attribute)}_{value:g}.pt"
+            spec = {**s.spec.to_dict(), "stage": {**sweep.set, sweep.attribute: value}}
+            result = train_model(model, s.splits.train, cfg, device=s.device, progress=s.progress, spec=spec,
+                                 checkpoint=s.store.artifact_dir(s.cell.cell_id) / name)
+            detail["epochs"] = cfg.epochs
+            rows.extend(_train_rows(s, result, cfg.epochs, **point))
+        logits, trace, labels = run_policy(model, s.splits.test, None, s.suite.eval_batch_size, s.device)
+        rows.append(s.row("policy_top1", topk_accuracy(logits, labels, 1), "%", split="test", n=len(labels),
+                          **point, detail=detail))
+        rows.extend(expected_cost_rows(trace, table, sweep.attribute, **{**s.fields, **point, "split": "test"}))
+    return rows
+
+
+def step_save_weights(s: CellState) -> Rows:
+    """The model as measured (trained or freshly initialised), for worker processes to rebuild."""
+    if s.checkpoint is None:
+        from harness.checkpoints import save_checkpoint
+
+        s.checkpoint = s.store.artifact_dir(s.cell.cell_id) / "model.pt"
+        save_checkpoint(s.checkpoint, s.model.cpu(), spec=s.spec.to_dict())
+        s.model.to(s.device)
+    s.weights = s.checkpoint
+    return []
+
+
+def stream_points(s: CellState) -> tuple[StreamPoint, ...]:
+    """Operating points timed as a real stream: the budget fits, else the middle grid point of each
+    policy; gated and routed models: their learned decisions."""
+    chosen = [p for p in s.points if p.is_budget_fit]
+    if not chosen:
+        by_name: dict[str, list[OperatingPoint]] = {}
+        for point in s.points:
+            by_name.setdefault(point.policy, []).append(point)
+        chosen = [group[len(group) // 2] for group in by_name.values()]
+    return tuple(StreamPoint(p.policy, p.threshold, p.decider) for p in chosen)
+
+
+def step_latency(s: CellState) -> Rows:
+    from dataclasses import replace
+
+    from harness.metrics.latency import latency_rows
+
+    settings = replace(s.suite.latency, device=s.device, policies=stream_points(s))
+    inputs = _inputs(s.splits.test, max(settings.stream_samples, max(settings.batch_sizes)))
+    return latency_rows(s.spec, s.need("weights"), inputs, settings, **s.fields)
+
+
+def step_memory(s: CellState) -> Rows:
+    from dataclasses import replace
+
+    from harness.metrics.memory import memory_rows
+
+    settings = replace(s.suite.memory, device=s.device, threads=s.suite.latency.threads)
+    return memory_rows(s.spec, s.need("weights"), input_shape(s.splits), settings, **s.fields)
+
+
+def step_extras(s: CellState) -> Rows:
+    """Model-specific rows and artifacts from the contract's ``extra_results`` hook (FractalBrainNet's
+    patterns), on up to 32 test images."""
+    s.model.to(s.device).eval()
+    with torch.no_grad():
+        extras = contract.extra_results(s.model, _inputs(s.splits.test, 32).to(s.device))
+    folder = s.store.artifact_dir(s.cell.cell_id) if extras.artifacts else None
+    for name, array in extras.artifacts.items():
+        np.save(folder / f"{_slug(name)}.npy", np.asarray(array))
+    return [s.row(r.metric, r.value, r.unit, **{"split": "test", **r.fields}) for r in extras.rows]
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+# ----- the plan -----------------------------------------------------------------------------------
+
+def _always(_: CellState) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Step:
+    """A measurement step: ``run(state) -> rows``; see the module docstring for the other fields."""
+
+    name: str
+    run: Callable[[CellState], Rows]
+    wanted_by: frozenset[str] = frozenset()
+    needs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    produces: tuple[str, ...] = ()
+    applies: Callable[[CellState], bool] = _always
+    on_demand: bool = False  # runs only when a chosen step needs what it produces
+
+
+def _m(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("parameters", step_parameters),
+    Step("train", step_train, produces=("checkpoint",)),
+    Step("accuracy", step_accuracy, _m("accuracy", "sweep"), produces=("test_exits", "val_exits")),
+    Step("cost_table", step_cost_table, produces=("cost_table",), on_demand=True),
+    Step("threshold_sweep", step_threshold_sweep, _m("sweep"), needs=("val_exits", "cost_table"), produces=("points",),
+         applies=lambda s: s.kind == "early_exit"),
+    Step("learned_decisions", step_learned_decisions, _m("sweep", "cost"), produces=("points",),
+         applies=lambda s: s.kind in LEARNED_POINT),
+    Step("cost", step_cost, _m("cost"), needs=("cost_table",), reads=("points",)),
+    Step("attribute_sweep", step_attribute_sweep, _m("accuracy", "sweep", "cost"), needs=("cost_table",),
+         applies=lambda s: s.cell.model.attribute_sweep is not None),
+    Step("save_weights", step_save_weights, reads=("checkpoint",), produces=("weights",), on_demand=True),
+    Step("latency", step_latency, _m("latency"), needs=("weights",), reads=("points",)),
+    Step("memory", step_memory, _m("memory"), needs=("weights",)),
+    Step("extras", step_extras, _m("patterns")),
+)
+"""Every step, in the one order they run in."""
+
+INPUTS = ("cell", "suite", "store", "splits", "spec", "model", "fields", "progress")
+
+
+def check_step_order(steps: tuple[Step, ...] = STEPS) -> None:
+    """ValueError unless every need and read of a step is an input or produced by an earlier step."""
+    available = set(INPUTS)
+    for step in steps:
+        missing = [n for n in (*step.needs, *step.reads) if n not in available]
+        if missing:
+            raise ValueError(f"step {step.name!r} needs {missing}, which no earlier step produces")
+        available.update(step.produces)
+
+
+def plan_steps(state: CellState, metrics: set[str] | frozenset[str]) -> list[Step]:
+    """The steps one cell runs: those its suite's metrics want (or every cell needs) and that apply
+    to its model, plus the producers of everything they need, in the order of :data:`STEPS`."""
+    chosen = {s.name for s in STEPS
+              if not s.on_demand and (not s.wanted_by or s.wanted_by & metrics) and s.applies(state)}
+    for step in reversed(STEPS):  # needs point backwards, so one reverse pass closes the set
+        if step.name in chosen:
+            for need in step.needs:
+                producer = next(p for p in STEPS if need in p.produces)
+                chosen.add(producer.name)
+    return [s for s in STEPS if s.name in chosen]

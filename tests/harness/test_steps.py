@@ -1,0 +1,114 @@
+"""Runner steps: the declared order is consistent, each cell runs what its metrics and model need, and
+the engine's layers import only downwards (harness/ knows no baseline and no report)."""
+from __future__ import annotations
+
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import steps
+from harness.data import DatasetConfig, load_dataset
+from harness.registry import ModelSpec
+from harness.results import RunStore
+from harness.runner import Cell
+from harness.steps import STEPS, CellState, check_step_order, plan_steps
+from harness.suites import parse_suite
+
+HARNESS = Path(steps.__file__).resolve().parent
+
+
+def state_for(model_name: str, tmp_path: Path, **entry) -> CellState:
+    raw = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}],
+           "models": [{"name": model_name, **entry}], "metrics": ["accuracy"]}
+    suite = parse_suite(raw, "t.yaml")
+    splits = load_dataset(DatasetConfig("digits", image_size=8))
+    spec = ModelSpec(model_name, {}, splits.num_classes, splits.in_chans)
+    cell = Cell(suite.models[0], suite.datasets[0], "cpu")
+    return CellState(cell, suite, RunStore(tmp_path), splits, spec, spec.build(), {})
+
+
+def names(state: CellState, *metrics: str) -> list[str]:
+    return [s.name for s in plan_steps(state, frozenset(metrics))]
+
+
+def test_declared_order_is_consistent_and_a_wrong_one_is_caught():
+    check_step_order()
+    by_name = {s.name: s for s in STEPS}
+    swapped = tuple(s for s in STEPS if s.name != "cost_table") + (by_name["cost_table"],)
+    with pytest.raises(ValueError, match="step 'threshold_sweep' needs \\['cost_table'\\]"):
+        check_step_order(swapped)
+
+
+def test_every_needed_field_is_a_field_of_the_state():
+    fields = set(CellState.__dataclass_fields__)
+    for step in STEPS:
+        assert set(step.needs) | set(step.reads) | set(step.produces) <= fields, step.name
+
+
+def test_static_model_runs_only_what_its_metrics_ask(tmp_path):
+    state = state_for("linear", tmp_path)
+    assert names(state, "accuracy") == ["parameters", "train", "accuracy"]
+    assert names(state, "cost") == ["parameters", "train", "cost_table", "cost"]
+    assert names(state, "latency", "memory") == ["parameters", "train", "save_weights", "latency", "memory"]
+
+
+def test_early_exit_sweep_pulls_in_the_logits_and_the_cost_table(tmp_path):
+    state = state_for("branchynet_resnet20", tmp_path)
+    assert names(state, "sweep") == ["parameters", "train", "accuracy", "cost_table", "threshold_sweep"]
+    assert "threshold_sweep" not in names(state, "cost")  # a cost-only suite does not sweep thresholds
+
+
+def test_gated_model_has_its_learned_point_and_an_attribute_sweep_applies_only_where_declared(tmp_path):
+    gated = state_for("skipnet38", tmp_path)
+    assert names(gated, "cost") == ["parameters", "train", "cost_table", "learned_decisions", "cost"]
+    swept = state_for("skipnet38", tmp_path, attribute_sweep={"attribute": "alpha", "values": [0.1]})
+    assert names(swept, "accuracy") == ["parameters", "train", "accuracy", "cost_table", "attribute_sweep"]
+
+
+def test_a_step_that_needs_a_missing_input_says_which(tmp_path):
+    state = state_for("branchynet_resnet20", tmp_path)
+    with pytest.raises(RuntimeError, match="'val_exits' was not produced"):
+        steps.step_threshold_sweep(state)
+
+
+def test_operating_points_carry_one_key_on_accuracy_cost_and_latency_rows(tmp_path):
+    """A budget point's accuracy, expected MACs and latency rows share (policy, threshold)."""
+    state = state_for("branchynet_resnet20", tmp_path)
+    latency = replace(state.suite.latency, isolate=False, repeats=2, warmup=0, stream_samples=4, cross_check=False)
+    state.suite = state.suite.model_copy(update={"budgets": (0.5,), "latency": latency})
+    torch.manual_seed(0)
+    rows = []
+    for step in plan_steps(state, frozenset({"sweep", "cost", "latency"})):
+        rows.extend(step.run(state))
+    key = ("confidence@budget0.5", None)
+    by_metric = {r["metric"] for r in rows if (r["policy"], r["threshold"]) == key}
+    assert {"policy_top1", "expected_macs", "latency", "latency_predicted"} <= by_metric
+    grid = {(r["policy"], r["threshold"]) for r in rows if r["metric"] == "policy_top1" and r["threshold"] is not None}
+    assert grid and grid <= {(r["policy"], r["threshold"]) for r in rows if r["metric"] == "expected_macs"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_engine_imports_no_baseline_and_no_report():
+    """Only the registry's discovery imports ``baselines``; only the CLI imports ``reports``."""
+    offenders = []
+    for path in sorted(HARNESS.rglob("*.py")):
+        for module in _imports(path):
+            top = module.split(".")[0]
+            if top == "baselines" and path.name != "registry.py":
+                offenders.append(f"{path.name}: {module}")
+            if top == "reports" and path.name != "cli.py":
+                offenders.append(f"{path.name}: {module}")
+    assert offenders == []
