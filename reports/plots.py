@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -21,6 +22,7 @@ if "matplotlib.pyplot" not in sys.modules:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from reports import tables  # noqa: E402
@@ -86,20 +88,28 @@ def save(fig: Figure, folder: Path, name: str, title: str, caption: str = "") ->
     return Plot(name, title, caption, png, svg, data)
 
 
-def _xscale(ax: Any, values: Iterable[float]) -> None:
+def _wants_log(values: Iterable[float]) -> bool:
     vals = [v for v in values if v and v > 0]
-    if vals and max(vals) / min(vals) > 20:
+    return bool(vals) and max(vals) / min(vals) > 20
+
+
+def _xscale(ax: Any, values: Iterable[float]) -> None:
+    if _wants_log(values):
         ax.set_xscale("log")
 
 
 # ----- accuracy vs cost --------------------------------------------------------------------------
 
-def plot_tradeoffs(frame: pd.DataFrame, folder: Path) -> list[Plot]:
-    """Top-1 vs MACs per dataset and top-1 vs latency (batch 1) per dataset and device: every
-    model on one plot, dynamic models as curves over their policy settings, static models as
-    points, the Pareto frontier as a dashed black line through ringed points."""
+COST_UNITS = {"macs": "MACs per image", "latency": "latency ms per call (batch 1, mean)"}
+
+
+def plot_tradeoffs(frame: pd.DataFrame, folder: Path, costs: Sequence[str] = ("macs", "latency")) -> list[Plot]:
+    """Top-1 vs MACs per dataset and top-1 vs latency (batch 1) per dataset and device (``costs``
+    says which): every model on one plot, dynamic models as curves over their policy settings,
+    static models as points, the Pareto frontier as a dashed black line through ringed points."""
     plots = []
-    for cost, unit in (("macs", "MACs per image"), ("latency", "latency ms per call (batch 1, mean)")):
+    for cost in costs:
+        unit = COST_UNITS[cost]
         points = tables.operating_points(frame, cost)
         if points.empty:
             continue
@@ -112,26 +122,26 @@ def plot_tradeoffs(frame: pd.DataFrame, folder: Path) -> list[Plot]:
             caption = (f"x: {unit}; y: top-1 % on test. Curves: dynamic models over their policy thresholds "
                        f"(policy_top1 with {'expected_macs' if cost == 'macs' else 'the policy stream latency'}); "
                        "markers: static models (last exit) or forced exits; dashed black: Pareto frontier.")
-            plots.append(save(_tradeoff_figure(sub, unit), folder, name, title, caption))
+            hidden = sub[sub["cost"] <= 0] if _wants_log(sub["cost"]) else sub.iloc[:0]
+            if not hidden.empty:  # a log axis cannot show them; they stay in the tables
+                caption += (" Not drawn at cost 0 on the log axis: "
+                            f"{', '.join(dict.fromkeys(hidden['label'].astype(str)))}.")
+            plots.append(save(_tradeoff_figure(sub.drop(hidden.index), unit), folder, name, title, caption))
     return plots
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 def _tradeoff_figure(points: pd.DataFrame, unit: str) -> Figure:
-    fig, axes = new_figure(8.0, 5.0)
+    fig, axes = new_figure(10.0, 5.0)
     ax = axes[0][0]
     labels = list(dict.fromkeys(points["label"]))
     colors = _palette(labels)
+    swept = points[(points["source"] == "policy") & points["threshold"].notna()]
+    styles = {p: LINESTYLES[i % len(LINESTYLES)] for i, p in enumerate(dict.fromkeys(swept["policy"]))}
     for label in labels:
-        sub = points[points["label"] == label].sort_values("cost")
-        curve = sub[(sub["source"] == "exit") | ((sub["source"] == "policy") & sub["threshold"].notna())]
-        if len(curve) > 1:
-            ax.plot(curve["cost"], curve["accuracy"], "-o", color=colors[label], ms=4, lw=1.5, label=mpl_text(label))
-            rest = sub.drop(curve.index)
-            if not rest.empty:  # budget-fitted or learned settings: markers beside the curve
-                ax.plot(rest["cost"], rest["accuracy"], "s", color=colors[label], ms=7)
-        else:
-            ax.plot(sub["cost"], sub["accuracy"], "D" if (sub["source"] == "static").all() else "o",
-                    color=colors[label], ms=7, ls="none", label=mpl_text(label))
+        _model_points(ax, points[points["label"] == label].sort_values("cost"), colors[label], label, styles)
     front = points[points["pareto"]].sort_values(["cost", "accuracy"])
     if not front.empty:
         ax.step(front["cost"], front["accuracy"], where="post", color="black", ls="--", lw=1.2, label="Pareto frontier")
@@ -141,8 +151,79 @@ def _tradeoff_figure(points: pd.DataFrame, unit: str) -> Figure:
         ax.xaxis.set_major_formatter(EngFormatter(sep=" "))
     ax.set_xlabel(unit)
     ax.set_ylabel("top-1 %")
-    ax.legend(fontsize=8, loc="best")
+    handles = [_model_handle(points[points["label"] == label], colors[label], label) for label in labels]
+    handles += ax.get_legend_handles_labels()[0]  # the frontier
+    if len(styles) > 1:  # which line style is which policy's sweep
+        handles += [Line2D([], [], color="grey", ls=ls, label=mpl_text(f"sweep: {p}")) for p, ls in styles.items()]
+    if ((points["source"] == "policy") & points["threshold"].isna()).any():
+        handles.append(Line2D([], [], color="grey", marker="s", ls="none", label="fitted on validation / learned"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return fig
+
+
+def _model_handle(sub: pd.DataFrame, color: Any, label: str) -> Line2D:
+    """The legend entry of one model: its colour, a diamond for a static model, a line otherwise."""
+    if (sub["source"] == "static").all():
+        return Line2D([], [], color=color, marker="D", ls="none", ms=7, label=mpl_text(label))
+    return Line2D([], [], color=color, marker="o", ls="-", ms=4, lw=1.5, label=mpl_text(label))
+
+
+def _model_points(ax: Any, sub: pd.DataFrame, color: Any, label: str, styles: dict[str, str]) -> None:
+    """One model's points: a line per threshold sweep (or over forced exits), squares for settings
+    without a threshold (fitted to a budget on validation, or learned), diamonds for static models."""
+    curves = sub[(sub["source"] == "exit") | ((sub["source"] == "policy") & sub["threshold"].notna())]
+    drawn = []
+    for policy, curve in curves.groupby("policy", sort=False):
+        if len(curve) > 1:
+            ax.plot(curve["cost"], curve["accuracy"], marker="o", ls=styles.get(policy, "-"), color=color, ms=4,
+                    lw=1.5)
+            drawn.extend(curve.index)
+    rest = sub.drop(drawn)
+    for marker, part in (("D", rest[rest["source"] == "static"]),
+                         ("s", rest[(rest["source"] == "policy") & rest["threshold"].isna()]),
+                         ("o", rest[(rest["source"] == "exit") | ((rest["source"] == "policy")
+                                                                   & rest["threshold"].notna())])):
+        if not part.empty:
+            ax.plot(part["cost"], part["accuracy"], marker, color=color, ms=7 if marker != "o" else 5, ls="none")
+            drawn.extend(part.index)
+
+
+# ----- measured vs predicted latency ---------------------------------------------------------------
+
+def plot_latency_prediction(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """Measured policy latency (batch 1, mean ms per call) against its prediction, one point per
+    operating point, one colour per model, with the y = x line (``table``:
+    :func:`reports.points.latency_vs_predicted`; rows missing either side are left out)."""
+    if table.empty:
+        return []
+    both = table.dropna(subset=["measured mean ms", "predicted ms"])
+    plots = []
+    for device, sub in both.groupby("device", sort=True):
+        fig, axes = new_figure(8.5, 5.0)
+        ax = axes[0][0]
+        labels = list(dict.fromkeys(sub["label"]))
+        colors = _palette(labels)
+        for label in labels:
+            part = sub[sub["label"] == label]
+            ax.plot(part["predicted ms"], part["measured mean ms"], "o", color=colors[label], ms=6, ls="none",
+                    label=mpl_text(label))
+        values = np.concatenate([sub["predicted ms"].to_numpy(float), sub["measured mean ms"].to_numpy(float)])
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        pad = 0.05 * (hi - lo or hi or 1.0)
+        line = [max(0.0, lo - pad), hi + pad]
+        ax.plot(line, line, color="black", ls="--", lw=1.0, label="measured = predicted")
+        ax.set_xlim(line)
+        ax.set_ylim(line)
+        ax.set_xlabel("predicted ms per call (exit fractions x forced per-exit latency)")
+        ax.set_ylabel("measured ms per call (policy stream, batch 1)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        plots.append(save(fig, folder, f"latency_vs_predicted__{slug(device)}",
+                          f"Measured vs predicted policy latency: {device}",
+                          "One point per operating point (policy and threshold) of a dynamic model: x, the "
+                          "prediction sum_k p_k t_k from its exit fractions p_k and the forced batch-1 latency t_k "
+                          "of each exit; y, the mean per call of a real stream of test samples at batch 1. "
+                          "Above the dashed line the policy costs more than its exits predict (decision overhead)."))
+    return plots
 
 
 # ----- per exit ----------------------------------------------------------------------------------
@@ -209,7 +290,8 @@ def plot_exit_histograms(table: pd.DataFrame, folder: Path) -> list[Plot]:
         chosen = _pick_policies(sub)
         width = 0.8 / max(1, len(chosen))
         for i, (policy, threshold) in enumerate(chosen):
-            mask = (sub["policy"] == policy) & ((sub["threshold"] == threshold) | (sub["threshold"].isna() & pd.isna(threshold)))
+            same = (sub["threshold"] == threshold) | (sub["threshold"].isna() & pd.isna(threshold))
+            mask = (sub["policy"] == policy) & same
             part = sub[mask].sort_values("exit")
             ax.bar(part["exit"] + (i - (len(chosen) - 1) / 2) * width, part["fraction"], width=width,
                    label=mpl_text(_policy_name(policy, threshold)))
@@ -264,7 +346,8 @@ def plot_expert_load(table: pd.DataFrame, folder: Path) -> list[Plot]:
                        cmap="viridis", aspect="auto")
         for (r, c), v in np.ndenumerate(grid.to_numpy(dtype=float)):
             if np.isfinite(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 * np.nanmax(grid.to_numpy()) else "black", fontsize=8)
+                color = "white" if v < 0.6 * np.nanmax(grid.to_numpy()) else "black"
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color=color, fontsize=8)
         ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index])
         ax.set_xlabel("expert")
@@ -295,7 +378,8 @@ def plot_pattern_arrays(arrays: Sequence[tuple[str, str, np.ndarray]], folder: P
         ax.set_axis_off()
     for ax in flat[len(arrays):]:
         ax.set_visible(False)
-    return [save(fig, folder, "fractal_patterns", "FractalBrainNet patterns", "Pattern images stored by FractalBrainNet cells (.npy artifacts).")]
+    return [save(fig, folder, "fractal_patterns", "FractalBrainNet patterns",
+                 "Pattern images stored by FractalBrainNet cells (.npy artifacts).")]
 
 
 def plot_pattern_complexity(table: pd.DataFrame, folder: Path) -> list[Plot]:

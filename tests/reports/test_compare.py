@@ -5,12 +5,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_run, latency_samples, model_rows
 
 from harness.cli import main as cli_main
-from reports.compare import (MACHINE_INDEPENDENT_METRICS, REGRESSION, Thresholds, compare, compare_main,
-                             compare_samples, exit_drift, write_baseline)
-
-from conftest import build_run, latency_samples, model_rows
+from reports.compare import (
+    MACHINE_INDEPENDENT_METRICS,
+    REGRESSION,
+    Thresholds,
+    compare,
+    compare_main,
+    compare_samples,
+    exit_drift,
+    write_baseline,
+)
 
 
 def rows(seed: int, models=("resnet20", "branchynet"), **options):
@@ -52,7 +59,8 @@ def test_small_slowdowns_and_speedups_are_not_regressions():
     result = compare(rows(1), rows(2, latency_factor=1.05))
     assert not regressions(result)
     result = compare(rows(1), rows(2, latency_factor=0.7))
-    assert not regressions(result) and all(r.status == "improved" for r in result.results if r.key["metric"] == "latency")
+    assert not regressions(result)
+    assert all(r.status == "improved" for r in result.results if r.key["metric"] == "latency")
 
 
 def test_without_samples_the_summary_statistics_are_tested():
@@ -64,7 +72,8 @@ def test_without_samples_the_summary_statistics_are_tested():
 
 
 def test_ratio_only_rule_without_samples_or_spread():
-    base = [{"model": "m", "dataset": "d", "device": "cpu", "batch_size": 1, "exit": 0, "metric": "latency", "value": 10.0, "p50": 9.0}]
+    base = [{"model": "m", "dataset": "d", "device": "cpu", "batch_size": 1, "exit": 0, "metric": "latency",
+             "value": 10.0, "p50": 9.0}]
     cand = lambda p50: [dict(base[0], value=99.0, p50=p50)]  # noqa: E731 - p50 wins over the mean when both have it
     assert compare(base, cand(9.0 * 1.25)).has_regression
     assert not compare(base, cand(9.0 * 1.15)).has_regression
@@ -189,16 +198,19 @@ def test_compare_main_prints_writes_markdown_and_returns_exit_code(tmp_path, cap
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_module_command_writes_a_baseline_and_takes_thresholds(tmp_path, capsys):
-    from reports.compare import main
+def test_cli_writes_a_filtered_baseline_and_takes_thresholds(tmp_path, capsys):
+    """`fractalbench baseline` / `compare` are the command lines (reports.compare has none of its own)."""
+    import reports.compare
 
+    assert not hasattr(reports.compare, "main")
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
     cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=2, top1_shift=-1.5)
-    assert main(["baseline", str(base), str(tmp_path / "bl.json"), "--metrics", "top1", "macs", "params"]) == 0
-    assert {r["metric"] for r in json.loads((tmp_path / "bl.json").read_text())["rows"]} == {"top1", "macs", "params"}
-    assert main(["compare", str(tmp_path / "bl.json"), str(cand)]) == 1
-    assert main(["compare", str(tmp_path / "bl.json"), str(cand), "--accuracy-points", "2"]) == 0
-    assert main(["compare", str(tmp_path / "nope.json"), str(cand)]) == 2
+    assert cli_main(["baseline", str(base), str(tmp_path / "bl.json"), "--metrics", "top1", "macs", "params"]) == 0
+    kept = {r["metric"] for r in json.loads((tmp_path / "bl.json").read_text())["rows"]}
+    assert kept == {"top1", "macs", "params"}
+    assert cli_main(["compare", str(tmp_path / "bl.json"), str(cand)]) == 1
+    assert cli_main(["compare", str(tmp_path / "bl.json"), str(cand), "--accuracy-points", "2"]) == 0
+    assert cli_main(["compare", str(tmp_path / "nope.json"), str(cand)]) == 2
 
 
 def test_example_ci_workflow_gates_on_the_compare_exit_code():
@@ -321,7 +333,8 @@ def test_cli_baseline_keeps_machine_independent_metrics_by_default(tmp_path, cap
     assert code == 0 and f"baseline: {out_file}" in out
     data = json.loads(out_file.read_text())
     metrics = {r["metric"] for r in data["rows"]}
-    assert metrics == {"top1", "top5", "policy_top1", "params", "params_active", "macs", "flops", "exit_fraction", "error"}
+    assert metrics == {"top1", "top5", "policy_top1", "params", "params_active", "macs", "flops", "exit_fraction",
+                       "error"}
     assert data["suite"]["name"] == "smoke" and data["environment"]["git_commit"] == "deadbeef"
     # the 18 exit_fraction rows of branchynet keep their counts for the chi-square test
     counts = [json.loads(r["detail"])["count"] for r in data["rows"] if r["metric"] == "exit_fraction"]
@@ -334,7 +347,8 @@ def test_cli_baseline_keeps_machine_independent_metrics_by_default(tmp_path, cap
     assert cli(capsys, "compare", out_file, tmp_path / "slow")[0] == 0
     # with the filter, a cell failing only in the candidate is still a regression, a new model still new
     clean = tmp_path / "clean.json"
-    assert cli(capsys, "baseline", build_run(tmp_path / "ok", seed=1, models=("resnet20",), failed=False), clean)[0] == 0
+    ok_run = build_run(tmp_path / "ok", seed=1, models=("resnet20",), failed=False)
+    assert cli(capsys, "baseline", ok_run, clean)[0] == 0
     failing = compare(clean, build_run(tmp_path / "failing", seed=1, models=("resnet20", "moe"), error_text="boom"))
     assert [(r.key["model"], r.note) for r in failing.regressions] == [("broken", "candidate cell failed: boom")]
     assert {r.key["model"] for r in failing.results if r.status == "new"} == {"moe"}
@@ -368,8 +382,11 @@ def test_compare_exit_codes_in_a_real_process(tmp_path):
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
     cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5)
     repo = Path(__file__).resolve().parents[2]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", "compare", *map(str, a)], cwd=repo,  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "harness.cli", "compare", *map(str, a)], cwd=repo,
+                              capture_output=True, text=True, timeout=120)
+
     assert run(base, cand).returncode == 1
     assert run(base, cand, "--accuracy-points", "2").returncode == 0
     bad = run(base, cand, "--p-value", "2")

@@ -1,20 +1,33 @@
-"""The HTML report: one self-contained file, plot and table files beside it, escaped strings."""
+"""The HTML report: one self-contained file, plot and table files beside it, escaped strings,
+the headline plot and short summary first and everything else collapsed."""
 import base64
 import re
 
 import pytest
+from conftest import EVIL_ERROR, EVIL_LABEL, EVIL_SUITE, build_run, foreign_row
 
 from harness.cli import main as cli_main
 from harness.results import CellRecord, RunStore, make_row
-from reports.html import write_report
-
-from conftest import EVIL_ERROR, EVIL_LABEL, EVIL_SUITE, build_run
+from reports import blocks
+from reports.html import CSP, environment, render_page, write_report
+from reports.tables import BRIEF_COLUMNS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_vs_macs__digits16", "accuracy_vs_latency__digits16__cpu", "per_exit", "exit_histograms",
-         "skip_rates", "expert_load", "fractal_patterns", "pattern_complexity")
-TABLES = ("summary", "reference", "errors", "per_exit", "latency", "memory", "pareto_macs", "pareto_latency",
-          "points_macs", "exit_histograms", "skip_rates", "expert_load", "pattern_analysis", "other_metrics")
+         "skip_rates", "expert_load", "fractal_patterns", "pattern_complexity", "latency_vs_predicted__cpu")
+TABLES = ("summary", "summary_brief", "reference", "errors", "per_exit", "latency", "memory", "pareto_macs",
+          "pareto_latency", "points_macs", "exit_histograms", "skip_rates", "expert_load", "pattern_analysis",
+          "training", "latency_vs_predicted", "cost_other", "latency_other", "other_metrics")
+ESCAPED_LABEL = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def sections(text: str) -> list[tuple[str, str, str]]:
+    """(id, class, inner HTML) of every top-level <section>, in page order."""
+    return re.findall(r'<section id="([^"]*)" class="([^"]*)">(.*?)</section>', text, re.DOTALL)
+
+
+def header_cells(table_html: str) -> list[str]:
+    return re.findall(r"<th>(.*?)</th>", table_html.split("</thead>", 1)[0])
 
 
 def test_report_is_written_at_the_default_path(reported_run):
@@ -55,21 +68,90 @@ def test_every_embedded_string_is_escaped(reported_run):
     text = reported_run[1].read_text()
     for raw in (EVIL_LABEL, EVIL_ERROR, EVIL_SUITE, "<img src=x", "<b>bold"):
         assert raw not in text
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
-    assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt; &amp; more" in text
-    assert "smoke&lt;b&gt;bold&lt;/b&gt;" in text
+    assert ESCAPED_LABEL in text
+    assert "&lt;img src=x onerror=&#34;alert(2)&#34;&gt; &amp; more" in text  # in the errors table
+    assert "smoke&lt;b&gt;bold&lt;/b&gt;" in text  # in the title and the suite table
+    found = dict((anchor, inner) for anchor, _, inner in sections(text))
+    # the hostile label through the summary table, the error text through the error table
+    assert ESCAPED_LABEL in found["summary"] and "onerror=&#34;alert(2)&#34;" in found["errors"]
+    assert "<title>fractalbench report: smoke&lt;b&gt;bold&lt;/b&gt;</title>" in text
+
+
+def test_templates_escape_every_kind_of_block():
+    evil = '<script>x</script>"'
+    figure = blocks.Figure(evil, "AAAA", evil)
+    page = render_page(evil, [evil], [blocks.Section(evil, evil, [
+        blocks.Note(evil), blocks.ErrorText(evil), blocks.Heading(evil), blocks.Pre(evil),
+        blocks.Table([evil], [False], [blocks.TableRow([evil], True)], evil), figure, blocks.Grid([figure]),
+        blocks.Details(evil, [blocks.Note(evil)]), blocks.KeyValues([(evil, evil)]), blocks.ItemList([evil]),
+        blocks.ErrorTable([blocks.ErrorRow(evil, evil, evil, evil, evil, evil)], True)], hint=evil)])
+    assert "<script" not in page and '"<' not in page
+    # title, subtitle, anchor, title, hint, 11 blocks (a figure twice, the error row six times, ...)
+    assert page.count("&lt;script&gt;x&lt;/script&gt;&#34;") >= 25
+    assert environment().autoescape is True
+
+
+def test_an_undefined_template_name_is_an_error():
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError):
+        environment().from_string("{{ nothing_here }}").render()
+
+
+def test_headline_plot_first_then_the_summary_then_collapsed_sections(reported_run):
+    text = reported_run[1].read_text()
+    assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in text
+    found = sections(text)
+    assert [anchor for anchor, _, _ in found[:2]] == ["headline", "summary"]
+    assert [cls for _, cls, _ in found[:2]] == ["open", "open"]
+    # the first image of the page is the accuracy-vs-MACs plot with the Pareto frontier
+    first_img = re.search(r'<img src="data:image/png;base64,[^"]*" alt="([^"]*)"', text).group(1)
+    assert first_img == "Top-1 accuracy vs MACs: digits16" and first_img in found[0][2]
+    # every other section is a collapsed <details> (not open), whole
+    assert len(found) >= 10
+    for anchor, cls, inner in found[2:]:
+        assert cls == "collapsed" and inner.startswith("<details><summary><h2>"), anchor
+        assert inner.endswith("</details>"), anchor
+    assert "<details open" not in text
+    for anchor in ("tradeoffs", "errors", "exits", "latency", "memory", "suite", "training", "other"):
+        assert anchor in [a for a, _, _ in found[2:]], anchor
+
+
+def test_summary_has_at_most_the_chosen_columns(reported_run):
+    summary = dict((a, inner) for a, _, inner in sections(reported_run[1].read_text()))["summary"]
+    brief = summary.split("<details>", 1)[0]  # the wide table is in the collapsed part
+    assert brief.count("<table>") == 1
+    headers = header_cells(brief)
+    assert set(headers) <= {"model", "dataset", "device", *BRIEF_COLUMNS[1:]} and len(headers) <= 11
+    assert headers[0] == "model" and "status" in headers and "chosen point" in headers
+    assert "confidence@budget0.5" in brief and ESCAPED_LABEL in brief
+    wide = summary.split("<details>", 1)[1]
+    assert "top5 %" in header_cells(wide.split("<table>", 1)[1]) and "latency p99 ms (b=8)" in wide
+
+
+def test_latency_is_plotted_against_its_prediction(reported_run, tmp_path):
+    text = reported_run[1].read_text()
+    latency = dict((a, inner) for a, _, inner in sections(text))["latency"]
+    assert 'alt="Measured vs predicted policy latency: cpu"' in latency
+    assert (reported_run[0] / "report" / "latency_vs_predicted.csv").read_text().count("\n") == 3  # header + 2
+    # without latency_predicted rows there is no such plot (and the latency rows are still there)
+    run = build_run(tmp_path / "no_prediction", models=("resnet20", "skipnet"), failed=False)
+    other = write_report([run]).read_text()
+    assert "Measured vs predicted policy latency" not in other and "every latency row" in other
+    assert not (run / "report" / "latency_vs_predicted__cpu.png").exists()
 
 
 def test_report_contents(reported_run):
     text = reported_run[1].read_text()
     for heading in ("Suite and environment", "Summary per model", "Accuracy vs cost (Pareto frontier)",
+                    "Accuracy vs MACs (Pareto frontier)", "Memory", "Training", "Other metrics",
                     "Per exit: accuracy, MACs, latency", "Exit histograms", "Skip rates", "Expert load",
                     "FractalBrainNet patterns", "Published reference numbers", "Errors"):
         assert f">{heading}<" in text, heading
     assert "Pareto frontier: top-1 vs MACs per image" in text
     front = text.split("Pareto frontier: top-1 vs MACs per image", 1)[1].split("</table>", 1)[0]
     # on the MACs frontier: moe, branchynet's sweep, resnet20 (labelled with the evil label), fractalbrainnet
-    for label in ("moe", "branchynet", "&lt;script&gt;alert(1)&lt;/script&gt;", "fractalbrainnet"):
+    for label in ("moe", "branchynet", ESCAPED_LABEL, "fractalbrainnet"):
         assert label in front
     assert "skipnet" not in front  # dominated by branchynet's sweep
     assert "He et al. 2016, table 6" in text and "Test CPU" in text and "deadbeef" in text
@@ -78,8 +160,9 @@ def test_report_contents(reported_run):
 def test_report_of_a_partial_run_and_an_explicit_out(tmp_path):
     store = RunStore(tmp_path / "old")
     f = {"model": "m", "dataset": "d", "device": "cpu", "cell_id": "c"}
-    store.write_cell(CellRecord("c", "ok", [make_row("params", 10, "count", **f), make_row("top1", 50.0, "%", exit=0, **f),
-                                            make_row("brand_new_metric", 1.0, "zz", **f)]))
+    rows = [make_row("params", 10, "count", **f), make_row("top1", 50.0, "%", exit=0, **f),
+            foreign_row("brand_new_metric", 1.0, "zz", **f)]
+    store.write_cell(CellRecord("c", "ok", rows))
     out = write_report([tmp_path / "old"], tmp_path / "elsewhere" / "r.html")
     text = out.read_text()
     assert out == tmp_path / "elsewhere" / "r.html" and "brand_new_metric" in text and "No environment.json" in text
@@ -119,3 +202,5 @@ def test_a_failing_section_does_not_cost_the_report(tmp_path, monkeypatch):
     run = build_run(tmp_path / "r", models=("resnet20", "skipnet"), failed=False)
     text = write_report([run]).read_text()
     assert "This section could not be built: RuntimeError: &lt;boom&gt;" in text and "Summary per model" in text
+    dynamic = dict((a, inner) for a, _, inner in sections(text))["dynamic"]
+    assert "Exits, skips and experts" in dynamic and "could not be built" in dynamic

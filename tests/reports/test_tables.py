@@ -4,11 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_run, foreign_row
 
 from harness.results import CellRecord, RunStore, make_row
 from reports import tables
-
-from conftest import build_run
 
 
 def frame_of(run: Path):
@@ -45,13 +44,49 @@ def test_operating_points_pair_policy_accuracy_with_its_expected_macs(run_dir):
     assert set(points.loc[points["pareto"], "label"]) == {"moe", "branchynet", "resnet20", "fractalbrainnet"}
 
 
-def test_latency_points_match_policy_streams_by_description(run_dir):
-    points = tables.operating_points(frame_of(run_dir), "latency")
-    bn = points[points["label"] == "branchynet"]
-    # streamed: confidence[0.9] (grid point 0.9) and confidence[0.8,0.85] (budget point's thresholds)
-    assert sorted(bn["policy"]) == ["confidence", "confidence@budget0.5"]
-    gated = points[points["label"] == "skipnet"]
-    assert gated["policy"].tolist() == ["gates"]  # learned decisions were streamed as "default"
+def test_latency_points_match_policy_streams_by_policy_and_threshold(run_dir):
+    frame = frame_of(run_dir)
+    points = tables.operating_points(frame, "latency")
+    bn = points[points["label"] == "branchynet"].set_index("policy")
+    # streamed: (confidence, 0.9) of the sweep and the budget fit (confidence@budget0.5, no threshold);
+    # the other thresholds of the sweep have no stream, so no latency point
+    assert sorted(bn.index) == ["confidence", "confidence@budget0.5"] and bn.loc["confidence", "threshold"] == 0.9
+    streams = frame[(frame["metric"] == "latency") & (frame["label"] == "branchynet") & (frame["policy"] != "")]
+    assert bn.loc["confidence", "cost"] == streams.loc[streams["threshold"] == 0.9, "value"].item()
+    assert bn.loc["confidence@budget0.5", "accuracy"] == 88.0
+    assert points.loc[points["label"] == "skipnet", "policy"].tolist() == ["gates"]
+    assert points.loc[points["label"] == "moe", "policy"].tolist() == ["router"]
+
+
+def test_latency_is_never_matched_by_the_old_description_string(tmp_path):
+    # a stream labelled only by its description (the old key) is no operating point's latency
+    run = build_run(tmp_path / "old_key", models=("branchynet",), failed=False)
+    frame = frame_of(run)
+    old = frame["metric"].isin(["latency", "latency_predicted"]) & (frame["policy"] == "confidence")
+    frame.loc[old, "policy"], frame.loc[old, "threshold"] = "confidence[0.9]", np.nan
+    assert tables.operating_points(frame, "latency")["policy"].tolist() == ["confidence@budget0.5"]
+
+
+def test_chosen_point_is_fitted_on_validation_or_learned(run_dir):
+    chosen = tables.chosen_points(frame_of(run_dir)).set_index("label")
+    # branchynet: the budget fit (fitted on validation), never a test-scored grid point, though
+    # grid points are more accurate on test; skipnet and moe: their learned decisions
+    assert chosen.loc["branchynet", ["policy", "accuracy", "cost"]].tolist() == ["confidence@budget0.5", 88.0, 20e6]
+    assert chosen.loc["skipnet", "policy"] == "gates" and chosen.loc["moe", "policy"] == "router"
+    assert "resnet20" not in chosen.index
+
+
+def test_measured_policy_latency_beside_its_prediction(run_dir):
+    pairs = tables.latency_vs_predicted(frame_of(run_dir)).set_index(["label", "policy"])
+    frame = frame_of(run_dir)
+    stream = frame[(frame["metric"] == "latency") & (frame["policy"] == "confidence") & (frame["threshold"] == 0.9)]
+    row = pairs.loc[("branchynet", "confidence")]
+    assert row["threshold"] == 0.9 and row["predicted ms"] == 1.15
+    assert row["measured mean ms"] == stream["value"].item()
+    assert row["measured / predicted"] == pytest.approx(stream["value"].item() / 1.15)
+    assert pairs.loc[("branchynet", "confidence@budget0.5"), "predicted ms"] == 0.95
+    # skipnet's stream has no prediction (no exits to predict from): not in the table
+    assert set(pairs.index.get_level_values("label")) == {"branchynet"}
 
 
 def test_summary_has_one_row_per_model_with_last_exit_numbers(run_dir):
@@ -59,7 +94,24 @@ def test_summary_has_one_row_per_model_with_last_exit_numbers(run_dir):
     assert summary.loc["branchynet", "top1 %"] == 92.5 and summary.loc["branchynet", "MACs (last exit)"] == 40e6
     assert summary.loc["moe", "params active"] == 350_000
     assert summary.loc["broken", "status"] == "failed"
-    assert {"latency p50 ms (b=1)", "latency p99 ms (b=1)", "latency p50 ms (b=8)", "peak activations MiB"} <= set(summary.columns)
+    assert summary.loc["branchynet", "chosen point"] == "confidence@budget0.5"
+    assert summary.loc["branchynet", "its expected MACs"] == 20e6
+    wanted = {"latency p50 ms (b=1)", "latency p99 ms (b=1)", "latency p50 ms (b=8)", "peak activations MiB"}
+    assert wanted <= set(summary.columns)
+    assert not {"GPU peak allocated MiB", "best policy top1 %"} & set(summary.columns)
+
+
+def test_brief_summary_keeps_only_the_chosen_columns(run_dir):
+    summary = frame_of(run_dir).pipe(tables.summary_table)
+    brief = tables.brief_summary(summary)
+    assert list(brief.columns) == ["model", "kind", "top1 %", "MACs (last exit)", "chosen point", "its top1 %",
+                                   "its expected MACs", "params", "latency p50 ms (b=1)", "peak activations MiB",
+                                   "status"]
+    assert brief.set_index("model").loc["branchynet", "latency p50 ms (b=1)"] == \
+        summary.set_index("label").loc["branchynet", "latency p50 ms (b=1)"]
+    # a second dataset adds the dataset column, nothing else
+    two = summary.assign(dataset=["a"] + ["b"] * (len(summary) - 1))
+    assert list(tables.brief_summary(two).columns)[:2] == ["model", "dataset"]
 
 
 def test_reference_numbers_beside_measured(run_dir):
@@ -73,11 +125,16 @@ def test_reference_numbers_beside_measured(run_dir):
 def test_partial_runs_give_empty_tables_not_errors(tmp_path):
     store = RunStore(tmp_path / "tiny")
     f = {"model": "m", "dataset": "d", "device": "cpu", "cell_id": "c"}
-    store.write_cell(CellRecord("c", "ok", [make_row("params", 10, "count", **f), make_row("mystery_metric", 3.0, "zz", **f)]))
+    rows = [make_row("params", 10, "count", **f), foreign_row("mystery_metric", 3.0, "zz", **f),
+            make_row("train_loss_ce", 0.3, "nats", **f)]
+    store.write_cell(CellRecord("c", "ok", rows))
     frame = frame_of(tmp_path / "tiny")
     assert tables.summary_table(frame)["params"].tolist() == [10]
     assert tables.operating_points(frame, "macs").empty and tables.per_exit_table(frame).empty
-    assert tables.other_metrics_table(frame, {"params"})["metric"].tolist() == ["mystery_metric"]
+    assert tables.latency_vs_predicted(frame).empty and tables.chosen_points(frame).empty
+    # families match by prefix: train_loss_* covers train_loss_ce
+    assert tables.other_metrics_table(frame, {"params", "train_loss_*"})["metric"].tolist() == ["mystery_metric"]
+    assert tables.rows_table(frame, {"train_loss_*"})["metric"].tolist() == ["train_loss_ce"]
     empty = tables.combined_rows(tables.load_runs([build_run(tmp_path / "empty", models=(), failed=False)]))
     assert tables.summary_table(empty).empty
 
@@ -88,8 +145,9 @@ def test_format_value():
 
 
 def test_reference_keys_with_input_size_match_only_that_size():
-    from harness.results import make_row as row
     import pandas as pd
+
+    from harness.results import make_row as row
 
     f = {"model": "m", "dataset": "cifar10", "device": "cpu", "cell_id": "c", "batch_size": 1}
     rows = [row("macs", 100, "MACs", exit=0, detail={"input_shape": [1, 3, 32, 32]}, **f),
