@@ -49,12 +49,14 @@ run: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/fractalbench run smoke --out runs/smoke
 
+# lint first (ruff, configured in pyproject.toml), then the tests
 test: $(STAMP) browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # rewrite benchmarks/baseline_smoke.json (the CI gate's baseline) after an intended change
 baseline: $(STAMP)
-	$(BIN)/python -m reports.gate refresh
+	$(BIN)/python benchmarks/gate.py refresh
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow benchmarks

@@ -22,7 +22,7 @@ minimises the weighted sum of the exit losses (the paper's joint objective) with
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -37,7 +37,8 @@ DEFAULT_EXIT_WEIGHTS = (1.0, 1.0, 1.0)
 
 
 def conv_bn_relu(in_planes: int, planes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(in_planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
+                         nn.ReLU(inplace=True))
 
 
 def pooled_classifier(channels: int, num_classes: int) -> nn.Sequential:
@@ -65,7 +66,8 @@ class BranchyResNet(EarlyExitNetwork):
         else:
             side = (input_size - 3) // 2 + 1  # 3x3 max pooling, stride 2, no padding
             n0, n1 = 2 * w * side * side, w * input_size * input_size
-            head0 = nn.Sequential(nn.MaxPool2d(3, 2), nn.Flatten(), nn.Linear(n0, n0 // 2), nn.Linear(n0 // 2, num_classes))
+            head0 = nn.Sequential(nn.MaxPool2d(3, 2), nn.Flatten(), nn.Linear(n0, n0 // 2),
+                                  nn.Linear(n0 // 2, num_classes))
             head1 = nn.Sequential(nn.Flatten(), nn.Linear(n1, num_classes))
         branch0 = nn.Sequential(conv_bn_relu(w, 2 * w), conv_bn_relu(2 * w, 2 * w), head0)
         branch1 = nn.Sequential(BasicBlock(w, w), head1)

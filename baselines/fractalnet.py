@@ -44,7 +44,8 @@ it is not one of the exits.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,8 @@ class PathBatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         path = self.selector[0]
         if not self.training and self._ready[path]:
-            return F.batch_norm(x, self.path_mean[path], self.path_var[path], self.weight, self.bias, False, 0.0, self.eps)
+            return F.batch_norm(x, self.path_mean[path], self.path_var[path], self.weight, self.bias, False, 0.0,
+                                self.eps)
         return super().forward(x)
 
     def finish_path(self, path: int) -> None:
@@ -148,7 +150,8 @@ class FractalBlock(nn.Module):
         depth = 2 ** (num_columns - 1)
         # joins[d] = (column, conv index) of every column that ends a conv at depth d + 1
         self.joins: list[list[tuple[int, int]]] = [
-            [(c, (d // 2 ** (num_columns - 1 - c)) - 1) for c in range(num_columns) if d % 2 ** (num_columns - 1 - c) == 0]
+            [(c, (d // 2 ** (num_columns - 1 - c)) - 1) for c in range(num_columns)
+             if d % 2 ** (num_columns - 1 - c) == 0]
             for d in range(1, depth + 1)]
         self.last_keep_masks: list[Tensor] = []  # training: the local drop-path masks of the last call
 
@@ -206,7 +209,8 @@ class FractalNet(DynamicModel):
         if len(dropout) != len(widths):
             raise ValueError(f"dropout needs one rate per block ({len(widths)}), got {len(dropout)}")
         if not 0.0 <= local_drop < 1.0 or not 0.0 <= global_fraction <= 1.0:
-            raise ValueError(f"local_drop must be in [0, 1) and global_fraction in [0, 1], got {local_drop}, {global_fraction}")
+            raise ValueError(f"local_drop must be in [0, 1) and global_fraction in [0, 1], "
+                             f"got {local_drop}, {global_fraction}")
         self.num_columns, self.widths, self.dropout = columns, widths, tuple(float(p) for p in dropout)
         self.local_drop, self.global_fraction = float(local_drop), float(global_fraction)
         self.path_selector = [0]  # the active inference path for PathBatchNorm2d (0 = full, k + 1 = column k)
@@ -390,8 +394,9 @@ def _notes(columns: int) -> str:
 
 @register_model(card=ModelCard(family="fractalnet", paper=PAPER, dynamic_kind="early_exit", input_size=32,
                                reference={"params": 38.6e6, "top1_cifar10": 94.78, "depth": 20},
-                               reference_source="FractalNet Table 1: 20 layers, 38.6M params; C10+ (standard augmentation) error 5.22% "
-                               "(no drop-path), 4.60% with drop-path + dropout",
+                               reference_source="FractalNet Table 1: 20 layers, 38.6M params; "
+                               "C10+ (standard augmentation) error 5.22% (no drop-path), "
+                               "4.60% with drop-path + dropout",
                                notes=_notes(3)))
 def fractalnet20(*, num_classes: int = 10, in_chans: int = 3, widths: Sequence[int] = CIFAR_WIDTHS,
                  dropout: Sequence[float] | None = None, local_drop: float = LOCAL_DROP,

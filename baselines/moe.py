@@ -251,10 +251,10 @@ class MoEResNet(DynamicModel):
     def _trace(self, x: Tensor, routings: list[Routing], mode: str) -> Trace:
         n = x.shape[0]
         counts = {"base": torch.ones(n, device=x.device)}
-        for l, r in enumerate(routings):
+        for layer, r in enumerate(routings):
             tokens = r.assign.shape[1]
             for e in range(self.num_experts):
-                counts[f"layer{l}_expert{e}"] = (torch.full((n,), float(tokens), device=x.device) if mode == "mask"
+                counts[f"layer{layer}_expert{e}"] = (torch.full((n,), float(tokens), device=x.device) if mode == "mask"
                                                  else (r.assign == e).flatten(1).sum(1).float())
         experts = torch.stack([r.assign.flatten(1) for r in routings], 1)
         return Trace(torch.zeros(n, dtype=torch.long, device=x.device), counts, experts=experts)
@@ -303,8 +303,9 @@ class MoEResNet(DynamicModel):
 
     def cost_units(self) -> list[CostUnit]:
         units = [CostUnit("base", lambda x: self._run(x, probe=(-1, -1)))]
-        units += [CostUnit(f"layer{l}_expert{e}", lambda x, l=l, e=e: self._run(x, probe=(l, e)), baseline="base")
-                  for l in range(len(self.moe)) for e in range(self.num_experts)]
+        units += [CostUnit(f"layer{layer}_expert{e}", lambda x, layer=layer, e=e: self._run(x, probe=(layer, e)),
+                           baseline="base")
+                  for layer in range(len(self.moe)) for e in range(self.num_experts)]
         return units
 
     def active_parameters(self) -> int:

@@ -58,14 +58,16 @@ class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs. ``stem``, ``layer1..3`` and ``head`` are exposed so that
     early-exit and gated families can reuse the backbone."""
 
-    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3,
+                 widths: tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         self.depth = depth
         self.blocks_per_stage = n = (depth - 2) // 6
         self.widths = widths
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
         layers, in_planes = [], widths[0]
         for i, planes in enumerate(widths):
             stride = 1 if i == 0 else 2

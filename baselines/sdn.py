@@ -31,7 +31,8 @@ diverge on ResNet-56.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -269,7 +270,8 @@ def build_sdn(backbone_name: str, *, num_classes: int = 10, in_chans: int = 3,
             raise ValueError(f"sdn:{backbone_name}: ic_after {bad} out of range; units are 0..{len(units) - 1} "
                              f"and the last unit already ends in the backbone's head")
         total = float(sum(unit_macs))
-        positions = [(int(i), round(sum(unit_macs[:int(i) + 1]) / total, 4)) for i in sorted(set(int(i) for i in ic_after))]
+        positions = [(int(i), round(sum(unit_macs[:int(i) + 1]) / total, 4))
+                     for i in sorted(set(int(i) for i in ic_after))]
     else:
         positions = place_ics(unit_macs, ic_fractions, placement)
     return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name, weight_ramp)
@@ -297,7 +299,8 @@ def _sdn_card(rest: str) -> ModelCard:
     base = model_card(rest)
     return ModelCard(family="sdn", paper=f"{PAPER}; backbone: {base.paper}", dynamic_kind="early_exit",
                      input_size=base.input_size, in_chans=base.in_chans, notes=NOTES,
-                     reference_source="SDN reports accuracy/early-exit savings only; backbone numbers are on its own card")
+                     reference_source="SDN reports accuracy/early-exit savings only; "
+                     "backbone numbers are on its own card")
 
 
 register_prefix("sdn", _sdn_factory, _sdn_card)

@@ -63,7 +63,8 @@ Training (``loss_terms``), stage chosen by ``model.training_stage``:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

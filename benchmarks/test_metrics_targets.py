@@ -51,7 +51,8 @@ def null_overhead_us() -> dict:
 
 
 def memory_ratio(model: str, batch: int) -> dict:
-    rows = memory_rows(ModelSpec(model), None, (3, 32, 32), MemorySettings(batch_size=batch, torch_accounting=True), model=model)
+    rows = memory_rows(ModelSpec(model), None, (3, 32, 32), MemorySettings(batch_size=batch, torch_accounting=True),
+                       model=model)
     by = {r["metric"]: r for r in rows}
     for r in rows:
         if r["error"]:
@@ -86,7 +87,8 @@ def test_cpu_peak_memory_matches_torch_accounting(model, batch):
 if __name__ == "__main__":
     r = timer_ratio()
     print(f"latency resnet20 b=1 threads=1: harness p50 {r['harness_p50_ms']:.3f} ms, Timer median "
-          f"{r['timer_median_ms']:.3f} ms, ratio {r['ratio']:.3f} (paired rounds; vs blocked_autorange {r['ratio_blocked']:.3f}; "
+          f"{r['timer_median_ms']:.3f} ms, ratio {r['ratio']:.3f} "
+          f"(paired rounds; vs blocked_autorange {r['ratio_blocked']:.3f}; "
           f"target within {LATENCY_TOLERANCE:.0%})")
     o = null_overhead_us()
     print(f"noop (null) model overhead: p50 {o['p50_us']:.1f} us, mean {o['mean_us']:.1f} us, p99 {o['p99_us']:.1f} us "

@@ -23,8 +23,8 @@ exit each sample took). Every fit records the split it was fitted on and refuses
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -97,7 +97,8 @@ def check_fit_split(split: str) -> str:
     return _SPLIT_ALIASES[key]
 
 
-def _check_inputs(exit_logits: Sequence[Tensor], labels: Tensor | None, cost_per_exit: Sequence[float]) -> tuple[list[Tensor], Tensor]:
+def _check_inputs(exit_logits: Sequence[Tensor], labels: Tensor | None,
+                  cost_per_exit: Sequence[float]) -> tuple[list[Tensor], Tensor]:
     if not exit_logits:
         raise ValueError("need the logits of at least one exit")
     logits = [torch.as_tensor(t).detach().float().cpu() for t in exit_logits]
@@ -105,7 +106,8 @@ def _check_inputs(exit_logits: Sequence[Tensor], labels: Tensor | None, cost_per
     if n == 0:
         raise ValueError("need at least one sample")
     if any(t.dim() != 2 or t.shape[0] != n for t in logits):
-        raise ValueError(f"every exit's logits must be [N, classes] with the same N; got shapes {[tuple(t.shape) for t in logits]}")
+        raise ValueError(f"every exit's logits must be [N, classes] with the same N; "
+                         f"got shapes {[tuple(t.shape) for t in logits]}")
     if len(cost_per_exit) != len(logits):
         raise ValueError(f"cost_per_exit has {len(cost_per_exit)} values for {len(logits)} exits")
     costs = torch.tensor([float(c) for c in cost_per_exit], dtype=torch.float64)
@@ -121,7 +123,8 @@ def _check_policy(name: str) -> None:
 
 # ----- measuring one setting -----------------------------------------------------------------------
 
-def _measure(policy: ExitPolicy, logits: list[Tensor], labels: Tensor | None, costs: Tensor, split: str) -> OperatingPoint:
+def _measure(policy: ExitPolicy, logits: list[Tensor], labels: Tensor | None, costs: Tensor,
+             split: str) -> OperatingPoint:
     exit_index = policy.simulate(logits).cpu()
     n, k = exit_index.shape[0], len(logits)
     counts = torch.bincount(exit_index, minlength=k)
@@ -208,7 +211,8 @@ def geometric_fractions(q: float, num_exits: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def thresholds_for_fractions(policy_name: str, logits: Sequence[Tensor], fractions: Sequence[float]) -> tuple[float, ...]:
+def thresholds_for_fractions(policy_name: str, logits: Sequence[Tensor],
+                             fractions: Sequence[float]) -> tuple[float, ...]:
     """Per-exit thresholds so that ``floor(N * fractions[k])`` of the samples still in flight leave
     at exit k (more only on exact ties of the score). Each threshold lies midway (in float32, the
     precision ``decide`` compares in) between the score of the last sample that leaves and the next

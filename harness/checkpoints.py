@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 CHECKPOINT_FORMAT = 1
 
 
@@ -43,9 +42,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a fractalbench checkpoint: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fractalbench checkpoint: "
+                              f"{str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a fractalbench checkpoint (format {CHECKPOINT_FORMAT} expected)")
+        raise CheckpointError(f"checkpoint {path} is not a fractalbench checkpoint "
+                              f"(format {CHECKPOINT_FORMAT} expected)")
     return state
 
 

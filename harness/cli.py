@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -29,9 +30,12 @@ def _positive_int(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not a device; allowed: cpu, cuda, cuda:N")
+    from harness.devices import parse_device
+
+    try:
+        return parse_device(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; allowed: cpu, cuda, cuda:N") from None
 
 
 def _finite_float(text: str) -> float:
@@ -54,7 +58,8 @@ class _Parser(argparse.ArgumentParser):
 
 # `fractalbench compare` options -> reports.compare.Thresholds fields: (metavar, what fails, default)
 COMPARE_THRESHOLDS = {
-    "accuracy_points": ("POINTS", "fail on a drop of top-1/top-5/policy top-1 by more than POINTS percentage points", "1"),
+    "accuracy_points": ("POINTS", "fail on a drop of top-1/top-5/policy top-1 by more than POINTS percentage points",
+                        "1"),
     "latency_ratio": ("RATIO", "fail on a latency slowdown candidate/baseline of RATIO, >= 1", "1.2"),
     "memory_ratio": ("RATIO", "fail on a memory growth candidate/baseline above RATIO, >= 1", "1.2"),
     "p_value": ("P", "significance level of the latency/memory tests, in (0, 1)", "0.01"),
@@ -67,31 +72,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_add_list, _add_run, _add_show, _add_profile, _add_evaluate, _add_report, _add_compare, _add_baseline,
+                _add_schema):
+        add(sub)
+    return parser
 
+
+def _add_schema(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schema", help="print the JSON Schema of suite files (for editors)",
+                       description="Print the JSON Schema (draft 2020-12) of a suite YAML file, for editor completion "
+                                   "and checking, e.g. `fractalbench schema > suite.schema.json`.")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write it to FILE instead of stdout")
+
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list registered models, suites, datasets or policies")
     p.add_argument("what", nargs="?", default="models", choices=("models", "suites", "datasets", "policies"))
     p.add_argument("--pattern", default="*", help="shell-style wildcard on model names (default: *)")
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a suite; results go to --out (running again resumes)")
     p.add_argument("suite", help="suite name (see `fractalbench list suites`) or path to a .yaml file")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<suite>)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="only these models of the suite")
-    p.add_argument("--device", nargs="+", type=_device, default=None, metavar="DEVICE", help="override the suite's devices: cpu, cuda, cuda:N")
+    p.add_argument("--device", nargs="+", type=_device, default=None, metavar="DEVICE",
+                   help="override the suite's devices: cpu, cuda, cuda:N")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="hide training progress bars")
 
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="print a run's results as a table")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--metric", nargs="+", default=None, help="only these metrics (e.g. top1 macs latency)")
 
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="per-module breakdown of one model: MACs, parameters, time share")
     p.add_argument("model", help="registered model name (e.g. resnet56, timm:resnet18)")
-    p.add_argument("--input-size", type=_positive_int, default=None, help="image side in pixels (default: the model card's)")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="image side in pixels (default: the model card's)")
     p.add_argument("--in-chans", type=_positive_int, default=3)
     p.add_argument("--num-classes", type=_positive_int, default=10)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--batch-size", type=_positive_int, default=1)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="per-exit accuracy of a model checkpoint on a dataset's test split")
     p.add_argument("model", help="registered model name the checkpoint was trained as")
     p.add_argument("--checkpoint", type=Path, required=True, help="file written by `run` or harness.distributed")
@@ -101,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kwargs", default="{}", help="builder options as JSON (as in the suite)")
     p.add_argument("--device", type=_device, default="cpu")
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the self-contained HTML report of one or more runs")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
     p.add_argument("--out", type=Path, default=None, help="HTML file (default: <first run>/report.html)")
 
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare two runs metric by metric; exit 1 on a regression",
                        description="Compare CANDIDATE with BASELINE (run directories or baseline JSON files) metric by "
                                    "metric. Thresholds: the defaults, then the suites' `compare:` sections, then these "
@@ -118,22 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_finite_float, default=None, metavar=metavar,
                        help=f"{text} (default: the suite's `compare: {name}`, else {default})")
 
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("baseline", help="write a committed baseline file (JSON) from a run, for `compare`",
-                       description="Write RUN's rows to FILE, the baseline `fractalbench compare FILE CANDIDATE` reads. "
-                                   "By default only machine-independent metrics are kept (accuracy, exit fractions, "
-                                   "parameters and MAC/FLOP counts, failed cells), so a baseline written on one machine "
-                                   "gates runs on another; latency and memory only compare on the same machine.")
+                       description="Write RUN's rows to FILE, the baseline `fractalbench compare FILE CANDIDATE` "
+                                   "reads. By default only machine-independent metrics are kept (the catalogue's "
+                                   "accuracy, exact counts and exit fractions, and failed cells), so a baseline "
+                                   "written on one machine gates runs on another; latency and memory only compare on "
+                                   "the same machine.")
     p.add_argument("run", type=Path, help="run directory (written by `fractalbench run`)")
     p.add_argument("out", type=Path, metavar="FILE", help="baseline JSON file to write (replaced atomically)")
     p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
                    help="keep these metrics instead (e.g. top1 macs latency), or `all` for every row")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse prints usage + error and exits 2 on bad arguments
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from harness.environment import apply_kernel_settings
+
+    apply_kernel_settings()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -188,17 +226,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"interrupted: finished cells are saved; run the same command again to resume ({out})", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.no_report:
-        report = _write_report([out], None)
-        if report is not None:
-            print(f"report: {report.resolve()}")
+        print(f"report: {_write_report([out], None).resolve()}")
     return EXIT_OK
 
 
-def _write_report(runs: list[Path], out: Path | None) -> Path | None:
-    try:
-        from reports.html import write_report
-    except ImportError:
-        return None
+def _write_report(runs: list[Path], out: Path | None) -> Path:
+    from reports.html import write_report
+
     return write_report(runs, out)
 
 
@@ -211,19 +245,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     if frame.empty:
         print("no rows")
         return EXIT_OK
-    cols = ["model", "dataset", "device", "batch_size", "exit", "policy", "split", "metric", "unit", "value", "p50", "p99", "error"]
+    cols = ["model", "dataset", "device", "batch_size", "exit", "policy", "threshold", "split", "metric", "unit",
+            "value", "p50", "p99", "error"]
     view = frame[[c for c in cols if frame[c].notna().any() and (frame[c] != "").any()]]
     print(view.to_string(index=False, max_colwidth=60))
     return EXIT_OK
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    try:
-        from harness.metrics.profile import format_profile, profile_model
-    except ImportError as exc:
-        raise CliError(f"profiling is not available: {exc}") from None
+    from harness.devices import check_device
+    from harness.metrics.profile import format_profile, profile_model
     from harness.registry import model_card
-    from harness.suites import check_device
 
     check_device(args.device)
     size = args.input_size or model_card(args.model).input_size
@@ -238,9 +270,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from harness.checkpoints import load_checkpoint
     from harness.data import DatasetConfig, load_dataset
+    from harness.devices import check_device
     from harness.evaluate import collect_exit_logits, topk_accuracy
     from harness.registry import ModelSpec
-    from harness.suites import check_device
 
     check_device(args.device)
     try:
@@ -253,7 +285,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = ModelSpec(args.model, kwargs, splits.num_classes, splits.in_chans).build()
     load_checkpoint(args.checkpoint, model)
     logits, labels = collect_exit_logits(model, splits.test, 256, args.device)
-    rows = [(k, f"{topk_accuracy(l, labels, 1):.2f}", f"{topk_accuracy(l, labels, 5):.2f}") for k, l in enumerate(logits)]
+    rows = [(k, f"{topk_accuracy(exit_logits, labels, 1):.2f}", f"{topk_accuracy(exit_logits, labels, 5):.2f}")
+            for k, exit_logits in enumerate(logits)]
     print(_table(("exit", "top1 %", "top5 %"), rows))
     return EXIT_OK
 
@@ -262,18 +295,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     for run in args.runs:
         if not (run / "cells").is_dir():
             raise CliError(f"{run} is not a fractalbench run directory (no cells/ folder)")
-    path = _write_report(list(args.runs), args.out)
-    if path is None:
-        raise CliError("the HTML report is not available in this build")
-    print(f"report: {path.resolve()}")
+    print(f"report: {_write_report(list(args.runs), args.out).resolve()}")
     return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    try:
-        from reports.compare import Thresholds, compare_main
-    except ImportError:
-        raise CliError("run comparison is not available in this build") from None
+    from reports.compare import Thresholds, compare_main
+
     given = {name: getattr(args, name) for name in COMPARE_THRESHOLDS if getattr(args, name) is not None}
     for name, value in given.items():
         try:
@@ -281,7 +309,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"argument --{name.replace('_', '-')}: {exc}") from None
     if args.markdown is not None and args.markdown.is_dir():
-        raise CliError(f"--markdown {args.markdown} is a directory; give a file name, e.g. {args.markdown / 'compare.md'}")
+        raise CliError(f"--markdown {args.markdown} is a directory; give a file name, "
+                       f"e.g. {args.markdown / 'compare.md'}")
     try:
         return compare_main(args.baseline, args.candidate, args.markdown, thresholds=given, verbose=args.all)
     except OSError as exc:  # e.g. the Markdown file cannot be written
@@ -289,10 +318,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    try:
-        from reports.compare import MACHINE_INDEPENDENT_METRICS, load_source, write_baseline
-    except ImportError:
-        raise CliError("run comparison is not available in this build") from None
+    from reports.compare import MACHINE_INDEPENDENT_METRICS, load_source, write_baseline
+
     if not (args.run / "cells").is_dir():
         raise CliError(f"{args.run} is not a fractalbench run directory (no cells/ folder)")
     if args.out.is_dir():
@@ -303,7 +330,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     elif args.metrics:
         unknown = sorted(set(args.metrics) - present)
         if unknown:
-            raise CliError(f"run {args.run} has no rows of metric(s) {', '.join(unknown)}; it has: {', '.join(sorted(present))}")
+            raise CliError(f"run {args.run} has no rows of metric(s) {', '.join(unknown)}; "
+                           f"it has: {', '.join(sorted(present))}")
         metrics = set(args.metrics)
     else:
         metrics = set(MACHINE_INDEPENDENT_METRICS)
@@ -322,6 +350,27 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from harness.suites import suite_json_schema
+
+    text = json.dumps(suite_json_schema(), indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    if args.out.is_dir():
+        raise CliError(f"--out {args.out} is a directory; give a file name, e.g. {args.out / 'suite.schema.json'}")
+    from harness.results import atomic_write_text
+
+    try:
+        atomic_write_text(args.out, text)
+    except OSError as exc:
+        raise CliError(f"cannot write the schema to {args.out}: {exc.strerror or exc}") from None
+    print(f"schema: {args.out}")
+    return EXIT_OK
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     from tabulate import tabulate
 
@@ -329,7 +378,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "evaluate": cmd_evaluate,
-            "report": cmd_report, "compare": cmd_compare, "baseline": cmd_baseline}
+            "report": cmd_report, "compare": cmd_compare, "baseline": cmd_baseline, "schema": cmd_schema}
 
 
 if __name__ == "__main__":  # pragma: no cover

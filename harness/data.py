@@ -12,9 +12,10 @@ test. Thresholds and other choices are fitted on it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,8 @@ def _augmentation(name: str, image_size: int) -> Callable[[Tensor], Tensor] | No
 def _resize(images: Tensor, size: int | None) -> Tensor:
     if size is None or images.shape[-1] == size and images.shape[-2] == size:
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=images.shape[-1] > size)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=images.shape[-1] > size)
 
 
 def _normalise(images: Tensor) -> Tensor:
@@ -123,7 +125,8 @@ def _normalise(images: Tensor) -> Tensor:
 
 # ----- splitting ----------------------------------------------------------------------------------
 
-def stratified_split(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: Sequence[int] | np.ndarray, fraction: float,
+                     seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Indices (rest, held_out): ``fraction`` of each class held out, chosen with a fixed seed."""
     labels = np.asarray(labels)
     if not 0.0 < fraction < 1.0:
@@ -276,8 +279,8 @@ def _imagefolder(cfg: DatasetConfig, root: Path) -> DataSplits:
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
-        raise DatasetError(f"dataset imagefolder: expected {root.resolve()}/train/<class>/ and {root.resolve()}/val/<class>/ "
-                           "(or test/) folders of images; point `root` at such a folder")
+        raise DatasetError(f"dataset imagefolder: expected {root.resolve()}/train/<class>/ and "
+                           f"{root.resolve()}/val/<class>/ (or test/) folders of images; point `root` at such a folder")
     size = cfg.image_size or 64
     tensors = []
     for folder in (train_dir, test_dir):

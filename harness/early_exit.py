@@ -6,7 +6,7 @@ wrappers and the FractalBrainNet early-exit variant subclass :class:`EarlyExitNe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

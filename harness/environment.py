@@ -24,7 +24,8 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
         commit = out.stdout.strip()
         if out.returncode or not commit:
             return "unknown"
@@ -48,6 +49,20 @@ def _version(module: str) -> str:
         return "absent"
 
 
+ONEDNN_ENV = "FRACTALBENCH_ONEDNN"
+"""Set to 0 to run convolutions on ATen's reference kernels instead of oneDNN (the CI gate does, see
+benchmarks/gate.py): oneDNN picks its blocking from the CPU's caches, so its results differ in the
+last bits between CPU models even with the ISA capped, and training turns that into accuracy."""
+
+
+def apply_kernel_settings() -> None:
+    """Honour :data:`ONEDNN_ENV` in this process."""
+    if os.environ.get(ONEDNN_ENV, "1") == "0":
+        import torch
+
+        torch.backends.mkldnn.enabled = False
+
+
 def collect_environment() -> dict[str, Any]:
     import torch
 
@@ -65,10 +80,12 @@ def collect_environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "onednn_enabled": bool(torch.backends.mkldnn.enabled),
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
         "gpus": gpus,
-        "libraries": {name: _version(name) for name in ("torch", "torchvision", "timm", "fvcore", "numpy", "pandas", "sklearn", "seaborn")},
+        "libraries": {name: _version(name) for name in ("torch", "torchvision", "timm", "fvcore", "numpy", "pandas",
+                                                        "sklearn", "seaborn")},
         "git_commit": git_commit(),
         "argv": sys.argv,
     }

@@ -17,8 +17,9 @@ import difflib
 import fnmatch
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -195,8 +196,9 @@ class ModelSpec:
         return create_model(self.name, num_classes=self.num_classes, in_chans=self.in_chans, **self.kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs), "num_classes": self.num_classes, "in_chans": self.in_chans}
+        return {"name": self.name, "kwargs": dict(self.kwargs), "num_classes": self.num_classes,
+                "in_chans": self.in_chans}
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(data: dict[str, Any]) -> ModelSpec:
         return ModelSpec(data["name"], dict(data.get("kwargs", {})), int(data["num_classes"]), int(data["in_chans"]))

@@ -40,7 +40,8 @@ class TwoExitNet(DynamicModel):
 
     def __init__(self, num_classes: int = 4, in_chans: int = 2) -> None:
         super().__init__()
-        self.stage0, self.stage1 = nn.Conv2d(in_chans, 3, 3, padding=1, bias=False), nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.stage0 = nn.Conv2d(in_chans, 3, 3, padding=1, bias=False)
+        self.stage1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
         self.head0, self.head1 = nn.Linear(3, num_classes), nn.Linear(3, num_classes)
 
     num_exits = 2
@@ -112,7 +113,8 @@ class GatedNet(DynamicModel):
             bits.append(on)
         gates = torch.stack(bits, 1)
         counts = {"base": torch.ones(n)}
-        counts.update({f"block_{i}": (torch.ones(n) if mode == "mask" else gates[:, i].float()) for i in range(len(self.blocks))})
+        counts.update({f"block_{i}": (torch.ones(n) if mode == "mask" else gates[:, i].float())
+                       for i in range(len(self.blocks))})
         return DynamicOutput(self.head(_pool(h)), Trace(torch.zeros(n, dtype=torch.long), counts, gates=gates))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,7 +147,8 @@ class RoutedNet(DynamicModel):
         self.embed = nn.Linear(in_chans, 4)
         self.routers = nn.ModuleList(nn.Linear(4, experts) for _ in range(layers))
         self.experts = nn.ModuleList(
-            nn.ModuleList(nn.Sequential(*[nn.Linear(4, 4) for _ in range(e + 1)]) for e in range(experts)) for _ in range(layers))
+            nn.ModuleList(nn.Sequential(*[nn.Linear(4, 4) for _ in range(e + 1)]) for e in range(experts))
+            for _ in range(layers))
         self.head = nn.Linear(4, num_classes)
 
     def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None) -> DynamicOutput:
@@ -187,8 +190,9 @@ class RoutedNet(DynamicModel):
 
     def cost_units(self) -> list[CostUnit]:
         units = [CostUnit("base", lambda x: self._run(x, probe=(-1, -1)))]
-        units += [CostUnit(f"expert_{l}_{e}", lambda x, l=l, e=e: self._run(x, probe=(l, e)), baseline="base")
-                  for l in range(len(self.experts)) for e in range(len(self.experts[l]))]
+        units += [CostUnit(f"expert_{layer}_{e}", lambda x, layer=layer, e=e: self._run(x, probe=(layer, e)),
+                           baseline="base")
+                  for layer in range(len(self.experts)) for e in range(len(self.experts[layer]))]
         return units
 
     def active_parameters(self) -> int:

@@ -3,13 +3,14 @@ forced paths stop after their exit, batch-1 and batched decisions agree, and the
 the trace equals FlopCounterMode's count of the real dynamic forward, sample by sample."""
 import pytest
 import torch
+from helpers import counted_macs, median_policy, unit_table, warm_batchnorm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.branchynet import BranchyResNet
 from baselines.resnet import CifarResNet
 from harness.contract import executed_macs
-from harness.policies import ConfidencePolicy, EntropyPolicy, PatiencePolicy, softmax_entropy
+from harness.policies import EntropyPolicy, PatiencePolicy
 from harness.registry import create_model, model_card
 
 # ResNet-(6n+2) exact counts (tests/baselines/test_resnet.py) plus the two branches:
@@ -18,45 +19,6 @@ from harness.registry import create_model, model_card
 BRANCHES = 14_282 + 4_842
 EXACT_PARAMS = {"branchynet_resnet20": 269_722 + BRANCHES, "branchynet_resnet56": 853_018 + BRANCHES,
                 "branchynet_resnet110": 1_727_962 + BRANCHES}
-
-
-def macs(fn, *args) -> int:
-    """MACs counted by FlopCounterMode (2 FLOPs per MAC) of what ``fn`` actually runs."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return counter.get_total_flops() // 2
-
-
-def unit_table(model, x1) -> dict:
-    probes = {u.name: macs(u.probe, x1) for u in model.cost_units()}
-    return {u.name: probes[u.name] - (probes[u.baseline] if u.baseline else 0) for u in model.cost_units()}
-
-
-def warm_batchnorm(model, x):
-    """Running statistics = batch statistics of ``x`` (so random-init logits are not degenerate)."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model.forward_exits(x)
-    return model.eval()
-
-
-def middle(scores):
-    """A threshold halfway between the two middle scores: half the samples on each side, none on it."""
-    s = scores.sort().values
-    return ((s[(len(s) - 1) // 2] + s[len(s) // 2 if len(s) % 2 == 0 else len(s) // 2 + 1]) / 2).item()
-
-
-def split_policy(model, x, policy_name="entropy"):
-    """Thresholds between the middle scores of exits 0 and 1: samples leave at every exit."""
-    with torch.no_grad():
-        exits = model.forward_exits(x)
-    if policy_name == "entropy":
-        return EntropyPolicy(thresholds=tuple(middle(softmax_entropy(e)) for e in exits[:-1]))
-    return ConfidencePolicy(thresholds=tuple(middle(torch.softmax(e, -1).amax(-1)) for e in exits[:-1]))
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +67,12 @@ def test_macs_per_exit_resnet110_by_hand():
     branch1 = (16 * 32 + 32 * 32) * 9 * 32 * 32 + 320  # 14,156,096
     stage1 = 18 * 2 * 16 * 16 * 9 * 32 * 32            # 84,934,656
     branch2 = 2 * 16 * 16 * 9 * 32 * 32 + 160           # 4,718,752
-    assert macs(model.stages[0], x) == stem and macs(model.heads[0], h0) == branch1
-    assert macs(model.stages[1], h0) == stage1 and macs(model.heads[1], h1) == branch2
+    assert counted_macs(model.stages[0], x) == stem and counted_macs(model.heads[0], h0) == branch1
+    assert counted_macs(model.stages[1], h0) == stage1 and counted_macs(model.heads[1], h1) == branch2
     # the main exit's own path is ResNet-110's forward: 252,887,680 MACs (~253M as usually quoted)
-    resnet110 = stem + stage1 + macs(model.stages[2], h1) + macs(model.heads[2], h2)
+    resnet110 = stem + stage1 + counted_macs(model.stages[2], h1) + counted_macs(model.heads[2], h2)
     assert resnet110 == 252_887_680
-    exits = [macs(model.forced_forward, x, k) for k in range(3)]
+    exits = [counted_macs(model.forced_forward, x, k) for k in range(3)]
     assert exits == [stem + branch1, stem + branch1 + stage1 + branch2, resnet110 + branch1 + branch2]
     assert exits == [14_598_464, 104_251_872, 271_762_528]
 
@@ -141,12 +103,13 @@ def test_forced_exit_runs_exactly_its_prefix(b20):
             for k in range(3):
                 fired.clear()
                 assert torch.equal(b20.forced_forward(x, k), exits[k])
-                assert sorted(fired) == sorted([("stage", i) for i in range(k + 1)] + [("head", i) for i in range(k + 1)])
+                expected = [("stage", i) for i in range(k + 1)] + [("head", i) for i in range(k + 1)]
+                assert sorted(fired) == sorted(expected)
     finally:
         for h in hooks:
             h.remove()
     # and by count: each forced path costs strictly more than the one before
-    counts = [macs(b20.forced_forward, x[:1], k) for k in range(3)]
+    counts = [counted_macs(b20.forced_forward, x[:1], k) for k in range(3)]
     assert counts == [14_598_464, 33_472_992, 59_425_888]
 
 
@@ -154,7 +117,7 @@ def test_batch_one_decisions_equal_batched_and_masked(small):
     b20 = small
     torch.manual_seed(1)
     x = torch.randn(12, 3, 32, 32)
-    policy = split_policy(b20, x)
+    policy = median_policy(b20, x, "entropy")
     with torch.no_grad():
         batched = b20.dynamic_forward(x, policy)
         masked = b20.dynamic_forward(x, policy, mode="mask")
@@ -172,7 +135,7 @@ def test_executed_macs_equal_counted_macs_sample_by_sample(small, policy_name):
     b20 = small
     torch.manual_seed(2)
     x = torch.randn(8, 3, 32, 32)
-    policy = PatiencePolicy(thresholds=(1.0,)) if policy_name == "patience" else split_policy(b20, x, policy_name)
+    policy = PatiencePolicy(thresholds=(1.0,)) if policy_name == "patience" else median_policy(b20, x, policy_name)
     table = unit_table(b20, x[:1])
     # widths (4, 8, 16): stem 3*4*9*1024 = 110,592; branch 1 (4*8 + 8*8)*9*1024 + 80 = 884,816;
     # stage 1: 3 blocks of 2*4*4*9*1024 = 294,912 each; branch 2: 294,912 + 40

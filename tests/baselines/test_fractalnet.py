@@ -5,27 +5,17 @@ import math
 
 import pytest
 import torch
+from helpers import counted_macs, median_policy, unit_table, warm_batchnorm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.fractalnet import FractalBlock, FractalNet, local_keep_mask
 from harness.contract import executed_macs
-from harness.policies import ConfidencePolicy, EntropyPolicy, PatiencePolicy, softmax_entropy
+from harness.policies import ConfidencePolicy, PatiencePolicy
 from harness.registry import create_model, model_card
 
 TINY = (4, 8, 8, 8, 8)
 NO_DROPOUT = (0.0,) * 5
-
-
-def macs(fn, *args) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return counter.get_total_flops() // 2
-
-
-def unit_table(model, x1) -> dict:
-    probes = {u.name: macs(u.probe, x1) for u in model.cost_units()}
-    return {u.name: probes[u.name] - (probes[u.baseline] if u.baseline else 0) for u in model.cost_units()}
 
 
 def expected_params(widths, columns, in_chans=3, classes=10) -> int:
@@ -47,37 +37,11 @@ def column_macs(widths, column, size=32, in_chans=3, classes=10) -> int:
     return total + widths[-1] * classes
 
 
-def warm_batchnorm(model, x):
-    """Running statistics = statistics of the columns alone on ``x`` (the exits' own distribution)."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model.forward_exits(x)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     model = create_model("fractalnet40", widths=TINY, dropout=NO_DROPOUT)
     return warm_batchnorm(model, torch.randn(32, 3, 32, 32))
-
-
-def middle(scores):
-    """A threshold halfway between the two middle scores: half the samples on each side, none on it."""
-    s = scores.sort().values
-    return ((s[(len(s) - 1) // 2] + s[len(s) // 2 if len(s) % 2 == 0 else len(s) // 2 + 1]) / 2).item()
-
-
-def median_policy(model, x, name="confidence"):
-    with torch.no_grad():
-        exits = model.forward_exits(x)
-    if name == "entropy":
-        return EntropyPolicy(thresholds=tuple(middle(softmax_entropy(e)) for e in exits[:-1]))
-    return ConfidencePolicy(thresholds=tuple(middle(torch.softmax(e, -1).amax(-1)) for e in exits[:-1]))
 
 
 def test_parameter_counts_by_hand():
@@ -141,7 +105,10 @@ def test_global_drop_path_runs_one_column_for_half_the_batch():
     for b, block in enumerate(model.blocks):
         for c, column in enumerate(block.columns):
             for j, unit in enumerate(column):
-                unit.register_forward_hook(lambda m, a, o, key=(b, c, j): sizes.setdefault(key, []).append(a[0].shape[0]))
+                def record(m, a, o, key=(b, c, j)):
+                    sizes.setdefault(key, []).append(a[0].shape[0])
+
+                unit.register_forward_hook(record)
     x = torch.randn(8, 3, 32, 32)
     chosen_columns = set()
     for _ in range(12):
@@ -150,7 +117,7 @@ def test_global_drop_path_runs_one_column_for_half_the_batch():
         col, chosen = model.last_global_column, model.last_global_samples
         chosen_columns.add(col)
         assert out.shape == (8, 10) and len(chosen) == 4
-        for (b, c, j), seen in sizes.items():
+        for (_b, c, _j), seen in sizes.items():
             # every conv runs once on the local half; the chosen column's convs also on the global half
             assert seen == ([4, 4] if c == col else [4])
         with torch.no_grad():  # the global half got exactly column `col` alone (batch statistics of that half)
@@ -169,11 +136,11 @@ def test_macs_per_exit_at_32x32_by_hand():
     model = create_model("fractalnet20", widths=widths).eval()
     x = torch.randn(1, 3, 32, 32)
     cols = [column_macs(widths, c) for c in range(3)]
-    exits = [macs(model.forced_forward, x, k) for k in range(3)]
+    exits = [counted_macs(model.forced_forward, x, k) for k in range(3)]
     assert exits == [sum(cols[:k + 1]) for k in range(3)]
     assert exits == [4_572_416, 19_171_840, 53_825_280]  # column 0: 442,368 + 3 x 1,179,648 + 589,824 + FC 1,280
     # the full fractal net runs every conv once and the classifier once
-    assert macs(model, x) == sum(cols) - 2 * widths[-1] * 10
+    assert counted_macs(model, x) == sum(cols) - 2 * widths[-1] * 10
     # paper widths (64 ... 512), from the same formula: 67,834,880 / 296,101,888 / 845,233,152
     paper = [column_macs((64, 128, 256, 512, 512), c) for c in range(3)]
     assert [sum(paper[:k + 1]) for k in range(3)] == [67_834_880, 296_101_888, 845_233_152]
@@ -194,7 +161,7 @@ def test_forced_exit_runs_exactly_its_columns(tiny):
     finally:
         for h in hooks:
             h.remove()
-    counts = [macs(tiny.forced_forward, x[:1], k) for k in range(4)]
+    counts = [counted_macs(tiny.forced_forward, x[:1], k) for k in range(4)]
     assert counts == [sum(column_macs(TINY, c) for c in range(k + 1)) for k in range(4)]
 
 

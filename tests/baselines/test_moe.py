@@ -5,25 +5,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import counted_macs, unit_table
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.moe import (MoELayer, MoEResNet, cv_squared, expert_histogram, importance, smooth_load,
-                           switch_balancing_loss)
+from baselines.moe import (
+    MoELayer,
+    MoEResNet,
+    cv_squared,
+    expert_histogram,
+    importance,
+    smooth_load,
+    switch_balancing_loss,
+)
 from harness import contract
 from harness.registry import create_model, list_models, model_card
-
-
-def counted_macs(fn, *args, **kwargs) -> int:
-    """MACs that FlopCounterMode sees while ``fn`` runs (FLOPs / 2), without the harness."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
-    return counter.get_total_flops() // 2
-
-
-def unit_table(model, x1) -> dict[str, int]:
-    units = model.cost_units()
-    probes = {u.name: counted_macs(u.probe, x1) for u in units}
-    return {u.name: probes[u.name] - (probes[u.baseline] if u.baseline else 0) for u in units}
 
 
 def build(name, seed=0, **kw):
@@ -182,10 +177,10 @@ def test_batch_1_and_batched_routing_agree(name):
 def test_only_chosen_experts_run_on_their_tokens(name):
     model = build(name)
     rows: dict[str, list[int]] = {}
-    for l, layer in enumerate(model.moe):
+    for li, layer in enumerate(model.moe):
         for e, expert in enumerate(layer.experts):
-            rows[f"layer{l}_expert{e}"] = []
-            unit = f"layer{l}_expert{e}"
+            rows[f"layer{li}_expert{e}"] = []
+            unit = f"layer{li}_expert{e}"
             expert.fc1.register_forward_hook(lambda m, inp, out, u=unit: rows[u].append(inp[0].shape[0]))
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():

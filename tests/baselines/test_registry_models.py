@@ -1,7 +1,7 @@
 """Checks every registered model gets for free: forward, backward, finite outputs, and the
 dynamic protocol's self-consistency (forced exits equal exits; batch-1 and batched decisions agree).
 Variants over MAX_PARAMS are left to their family's tests."""
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def small_models():
     return names + [p for p in PREFIXED if p not in names]
 
 
-@lru_cache(maxsize=None)
+@cache
 def meta_parameter_count(name):
     """Parameters of ``name`` built on the meta device (shapes only, no memory, no init); None if
     its builder cannot run there."""
@@ -51,7 +51,8 @@ def build(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, in_chans=3)
     meta = meta_parameter_count(name)
-    assert meta is None or sum(p.numel() for p in model.parameters()) == meta, "the meta build differs from the real one"
+    assert meta is None or sum(p.numel() for p in model.parameters()) == meta, (
+        "the meta build differs from the real one")
     return model
 
 

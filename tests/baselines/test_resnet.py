@@ -7,7 +7,8 @@ from harness.registry import create_model, model_card
 PUBLISHED_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6, "resnet110": 1.7e6}
 # Exact counts by hand, e.g. ResNet-20: stem 432+32, stage1 3*(2*2304+64), stage2 13952+2*18560,
 # stage3 55552+2*73984, FC 650 = 269,722.
-EXACT_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962}
+EXACT_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
+                "resnet110": 1_727_962}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))

@@ -3,6 +3,7 @@ backbone's forward is kept, SDN's loss weights, clear errors for what cannot be 
 early-exit protocol (prefix-only forced paths, batch-1 = batched, cost table = counted MACs)."""
 import pytest
 import torch
+from helpers import counted_macs, median_policy, unit_table, warm_batchnorm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -11,39 +12,6 @@ from baselines.sdn import SDN, MixedPoolClassifier, place_ics, split_backbone
 from harness.contract import executed_macs
 from harness.policies import ConfidencePolicy, PatiencePolicy
 from harness.registry import create_model, model_card
-
-
-def macs(fn, *args) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return counter.get_total_flops() // 2
-
-
-def unit_table(model, x1) -> dict:
-    probes = {u.name: macs(u.probe, x1) for u in model.cost_units()}
-    return {u.name: probes[u.name] - (probes[u.baseline] if u.baseline else 0) for u in model.cost_units()}
-
-
-def warm_batchnorm(model, x):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model.forward_exits(x)
-    return model.eval()
-
-
-def middle(scores):
-    s = scores.sort().values
-    return ((s[(len(s) - 1) // 2] + s[len(s) // 2 if len(s) % 2 == 0 else len(s) // 2 + 1]) / 2).item()
-
-
-def confidence_split(model, x):
-    with torch.no_grad():
-        exits = model.forward_exits(x)
-    return ConfidencePolicy(thresholds=tuple(middle(torch.softmax(e, -1).amax(-1)) for e in exits[:-1]))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +38,7 @@ def test_exit_costs_are_backbone_prefixes_plus_ics():
     torch.manual_seed(0)
     model = create_model("sdn:resnet56").eval()
     x = torch.randn(1, 3, 32, 32)
-    exits = [macs(model.forced_forward, x, k) for k in range(7)]
+    exits = [counted_macs(model.forced_forward, x, k) for k in range(7)]
     # blocks of stage 1/2/3 cost 4,718,592 / 4,718,592 (4,276,224 for the strided first) / likewise; ICs 16*C*10
     stem, block = 442_368, 4_718_592
     first_strided = 16 * 32 * 9 * 16 * 16 + 32 * 32 * 9 * 16 * 16  # 3,538,944
@@ -145,7 +113,8 @@ def test_options_explicit_positions_and_linear_ics():
     torch.manual_seed(0)
     model = create_model("sdn:resnet20", ic_after=[2, 5], ic="linear", num_classes=7, in_chans=1)
     assert model.ic_units == [2, 5] and model.num_exits == 3
-    assert sum(p.numel() for p in model.parameters()) == (269_722 - 3 * 16 * 9 + 16 * 9 - 650 + 455) + (16 * 7 + 7) + (32 * 7 + 7)
+    backbone = 269_722 - 3 * 16 * 9 + 16 * 9 - 650 + 455
+    assert sum(p.numel() for p in model.parameters()) == backbone + (16 * 7 + 7) + (32 * 7 + 7)
     out = model(torch.randn(2, 1, 16, 16))
     assert out.shape == (2, 7)
     depth = create_model("sdn:resnet20", placement="depth")
@@ -201,7 +170,8 @@ def test_forced_exit_runs_exactly_its_prefix(sdn20):
             for k in range(sdn20.num_exits):
                 fired.clear()
                 assert torch.equal(sdn20.forced_forward(x, k), exits[k])
-                assert sorted(fired) == sorted([("stage", i) for i in range(k + 1)] + [("head", i) for i in range(k + 1)])
+                expected = [("stage", i) for i in range(k + 1)] + [("head", i) for i in range(k + 1)]
+                assert sorted(fired) == sorted(expected)
     finally:
         for h in hooks:
             h.remove()
@@ -211,7 +181,7 @@ def test_batch_one_equals_batched_and_cost_table_equals_counted_macs(sdn20):
     torch.manual_seed(3)
     x = torch.randn(10, 3, 32, 32)
     table = unit_table(sdn20, x[:1])
-    for policy in (confidence_split(sdn20, x), PatiencePolicy(thresholds=(1.0,))):
+    for policy in (median_policy(sdn20, x), PatiencePolicy(thresholds=(1.0,))):
         with torch.no_grad():
             batched = sdn20.dynamic_forward(x, policy)
             masked = sdn20.dynamic_forward(x, policy, mode="mask")

@@ -4,29 +4,14 @@ import math
 
 import pytest
 import torch
+from helpers import counted_macs, unit_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.skipnet import SkipNet, reinforce_loss, skip_rates
 from harness import contract
 from harness.registry import create_model, list_models, model_card
 
-
-
 # ----- helpers ---------------------------------------------------------------------------------------
-
-
-def counted_macs(fn, *args, **kwargs) -> int:
-    """MACs that FlopCounterMode sees while ``fn`` runs (FLOPs / 2), without the harness."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
-    return counter.get_total_flops() // 2
-
-
-def unit_table(model, x1) -> dict[str, int]:
-    """MACs per cost unit: probe MACs minus its baseline's probe MACs (at batch 1)."""
-    units = model.cost_units()
-    probes = {u.name: counted_macs(u.probe, x1) for u in units}
-    return {u.name: probes[u.name] - (probes[u.baseline] if u.baseline else 0) for u in units}
 
 
 def calibrate_gates(model, x) -> None:

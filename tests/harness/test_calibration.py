@@ -13,7 +13,6 @@ from harness.metrics.flops import build_cost_table
 from harness.policies import make_policy
 from harness.registry import create_model
 
-
 # Two classes, three exits, four samples. Max-softmax of [a, b] = 1 / (1 + exp(-|a - b|)):
 # exit 0: 0.982, 0.525, 0.953, 0.731; exit 1: 0.982, 0.881, 0.953, 0.881; exit 2 always right.
 HAND_LOGITS = [torch.tensor([[4.0, 0.0], [0.0, 0.1], [0.0, 3.0], [1.0, 0.0]]),

@@ -29,7 +29,8 @@ def run_cli(capsys, *argv):
     (["show", "/nonexistent/run"], "not a fractalbench run directory"),
     (["report", "/nonexistent/run"], "not a fractalbench run directory"),
     (["evaluate", "resnet20", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
-    (["evaluate", "resnet20", "--checkpoint", "x.pt", "--dataset", "cifar10", "--root", "/nonexistent"], "dataset cifar10: files not found"),
+    (["evaluate", "resnet20", "--checkpoint", "x.pt", "--dataset", "cifar10", "--root", "/nonexistent"],
+     "dataset cifar10: files not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
@@ -89,7 +90,8 @@ def test_list_and_run_and_show(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "list", "models", "--pattern", "resnet5*")
     assert code == 0 and "resnet56" in out and "resnet20" not in out
     path = tmp_path / "s.yaml"
-    path.write_text("name: s\ndatasets: [{name: digits, image_size: 8}]\nmodels: [linear]\ntrain: {epochs: 1, batch_size: 32}\n")
+    path.write_text("name: s\ndatasets: [{name: digits, image_size: 8}]\nmodels: [linear]\n"
+                    "train: {epochs: 1, batch_size: 32}\n")
     code, out, _ = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--no-report")
     assert code == 0 and "1 cell(s) finished" in out
     code, out, _ = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--no-report")
@@ -99,5 +101,6 @@ def test_list_and_run_and_show(capsys, tmp_path):
 
 
 def test_console_script_exit_code_in_a_real_process():
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "nosuch"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "nosuch"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("fractalbench: error: unknown suite 'nosuch'")

@@ -10,7 +10,8 @@ from harness.policies import ConfidencePolicy, EntropyPolicy, PatiencePolicy, ma
 
 def tiny_cascade():
     torch.manual_seed(0)
-    stages = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
+    stages = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
               nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
     heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)) for _ in stages]
     return EarlyExitNetwork(stages, heads, [0.5, 0.5, 1.0]).eval()
@@ -48,7 +49,7 @@ def test_cascade_forced_paths_equal_exits_and_stop_after_k():
 def test_compaction_equals_batch_one_and_masking():
     net = tiny_cascade()
     x = torch.randn(16, 1, 6, 6)
-    conf = [torch.softmax(l, -1).amax(-1) for l in net.forward_exits(x)]
+    conf = [torch.softmax(logits, -1).amax(-1) for logits in net.forward_exits(x)]
     policy = ConfidencePolicy(thresholds=(conf[0].median().item(), conf[1].median().item()))
     batched = net.dynamic_forward(x, policy)
     masked = net.dynamic_forward(x, policy, mode="mask")
@@ -73,7 +74,8 @@ def test_batch_one_really_stops():
 
 
 def test_policy_simulation_matches_hand_computed_decisions():
-    logits = [torch.tensor([[4.0, 0.0], [0.0, 0.1]]), torch.tensor([[0.0, 4.0], [0.0, 0.2]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    logits = [torch.tensor([[4.0, 0.0], [0.0, 0.1]]), torch.tensor([[0.0, 4.0], [0.0, 0.2]]),
+              torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
     # softmax([4, 0]) max = 0.982; softmax([0, 0.1]) max = 0.525
     assert ConfidencePolicy(thresholds=(0.9,)).simulate(logits).tolist() == [0, 2]
     # entropy of [4, 0] = 0.0878 nats; of [0, 0.2] = 0.6881 nats

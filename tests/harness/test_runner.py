@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from harness import registry
-from harness.registry import ModelCard, register_model
 from harness.data import DatasetConfig, load_dataset
+from harness.registry import ModelCard, register_model
 from harness.results import load_run
 from harness.runner import run_suite
 from harness.suites import SuiteError, parse_suite

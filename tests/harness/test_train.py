@@ -84,16 +84,19 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 
 
 def _train_cmd(nproc, out):
-    args = ["--model", "linear", "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--no-augment", "--out", str(out)]
+    args = ["--model", "linear", "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--no-augment",
+            "--out", str(out)]
     if nproc == 1:
         return [sys.executable, "-m", "harness.distributed", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "harness.distributed", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "harness.distributed", *args]
 
 
 def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for nproc in (1, 2):
-        proc = subprocess.run(_train_cmd(nproc, tmp_path / f"w{nproc}.pt"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(_train_cmd(nproc, tmp_path / f"w{nproc}.pt"), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = torch.load(tmp_path / "w1.pt", weights_only=True), torch.load(tmp_path / "w2.pt", weights_only=True)
     assert two["extra"]["world_size"] == 2
@@ -123,7 +126,8 @@ def test_ddp_two_processes_train_a_moe_whose_experts_are_not_all_chosen(tmp_path
     kwargs = '{"num_experts": 16, "k": 1, "expansion": 1, "moe_layers": 1}'
     args = ["--model", "moe_resnet20_top2", "--kwargs", kwargs, "--image-size", "4", "--epochs", "1",
             "--batch-size", "16", "--lr", "0.05", "--no-augment", "--out", str(out)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "harness.distributed", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "harness.distributed", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out, weights_only=True)
