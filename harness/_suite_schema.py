@@ -132,6 +132,8 @@ DatasetSection = dataclass_section(DatasetConfig, "Dataset", "A dataset (harness
     "num_classes": described(OptionalSize, "synthetic only: number of classes"),
     "in_chans": described(OptionalSize, "synthetic only: image channels"),
     "num_samples": described(OptionalSize, "synthetic only: number of images"),
+    "memory_limit_mb": described(OptionalSize, "image folders whose uint8 pixels exceed this many MiB are streamed "
+                                               "from disk; null: a quarter of the machine's memory"),
 }, required=("name",), shorthand="name")
 
 TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (harness.train.TrainConfig; the seed "
@@ -261,6 +263,10 @@ class CostConfig(Section):
     oracle_samples: described(whole(0), "test samples whose MACs are counted one by one to check the expected "
                                         "cost from the cost table (0: no check)") = 8
     input_sizes: described(tuple[whole(1), ...], "extra input sizes (pixels) for a cost-only table, e.g. 224") = ()
+    sweep_check_samples: described(whole(0), "test samples on which every threshold-sweep point of an early-exit "
+                                             "cascade also runs the real stopping path, which must agree with the "
+                                             "sweep computed from exit logits (0: run the real path on all of "
+                                             "test for every point instead)") = 128
 
 
 class EvaluateSettings(Section):
@@ -349,6 +355,16 @@ class Suite(Section):
             raise SuiteError(str(unknown_name(f"model in suite {self.name}", missing[0], sorted(known))))
         kept = tuple(m for m in self.models if m.name in names or m.display in names)
         return self.model_copy(update={"models": kept})
+
+    def with_data_root(self, root: str) -> Suite:
+        """Every dataset that reads from disk reads from ``root`` instead (CLI --data-root); the
+        suite's identity (digest) is unchanged, the data's source is stored with every cell."""
+        from dataclasses import replace
+
+        from harness.data import IN_MEMORY_DATASETS
+
+        moved = tuple(d if d.name in IN_MEMORY_DATASETS else replace(d, root=root) for d in self.datasets)
+        return self.model_copy(update={"datasets": moved})
 
 
 def validate_suite(raw: Any, path: str) -> Suite:

@@ -98,6 +98,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="only these models of the suite")
     p.add_argument("--device", nargs="+", type=_device, default=None, metavar="DEVICE",
                    help="override the suite's devices: cpu, cuda, cuda:N")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="read every on-disk dataset of the suite from DIR instead of its `root`")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="hide training progress bars")
 
@@ -217,6 +219,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.models:
         suite = suite.with_models(args.models)
+    if args.data_root is not None:
+        if not args.data_root.is_dir():
+            raise CliError(f"--data-root {args.data_root} is not a directory")
+        suite = suite.with_data_root(str(args.data_root))
     out = args.out or Path("runs") / suite.name
     summary = run_suite(suite, out, devices=args.device, progress=not args.no_progress and sys.stderr.isatty(),
                         echo=lambda s: print(s, flush=True))

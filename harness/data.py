@@ -3,8 +3,12 @@
 - ``digits`` (embedded, no network): scikit-learn's bundled handwritten digits (1,797 real 8x8
   grey images of 10 classes, UCI), scaled to [0, 1] and resized (bilinear) to ``image_size``.
   Fixed stratified split: 20% test, then ``val_fraction`` of the rest as validation.
-- ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``svhn``, ``imagefolder``: torchvision
-  datasets read from ``root``; downloaded only when ``download`` is true.
+- ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``svhn``: torchvision's on-disk formats
+  under ``root``, downloaded only when ``download`` is true; ``cifar10`` also reads the image-folder
+  layout (``root/train``, ``root/test``, or the same under ``root/cifar10-jpg``).
+- ``imagefolder``: ``root/train/<class>/*`` with ``root/test/<class>/*`` or ``root/val/<class>/*``.
+  Disk datasets are kept as uint8 and normalised as each sample is read (see ``harness._disk_data``);
+  an image folder too big for memory streams from disk.
 - ``synthetic``: random images and labels for cost-only suites (accuracy there is meaningless).
 
 The validation split is always carved from the training data (stratified, fixed seed), never from
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 SPLIT_SEED = 20240601  # fixed: the splits do not move with the suite's training seed
 
+IN_MEMORY_DATASETS = ("digits", "synthetic")  # need no files, so no root
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "imagefolder", "synthetic")
 
 
@@ -47,6 +51,7 @@ class DatasetConfig:
     num_classes: int | None = None  # synthetic only
     in_chans: int | None = None  # synthetic only
     num_samples: int | None = None  # synthetic only
+    memory_limit_mb: int | None = None  # image folders above this (uint8) stream from disk; None: RAM / 4
 
     @property
     def label(self) -> str:
@@ -100,6 +105,12 @@ class RandomCropFlip:
         return x
 
 
+def with_augmentation(ds: Dataset, name: str, image_size: int) -> Dataset:
+    """``ds`` with the dataset family's training augmentation (see :func:`_augmentation`), if any."""
+    aug = _augmentation(name, image_size)
+    return Augmented(ds, aug) if aug else ds
+
+
 def _augmentation(name: str, image_size: int) -> Callable[[Tensor], Tensor] | None:
     pad = max(1, image_size // 8)
     if name in ("cifar10", "cifar100", "imagefolder"):
@@ -114,13 +125,6 @@ def _resize(images: Tensor, size: int | None) -> Tensor:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
                          antialias=images.shape[-1] > size)
-
-
-def _normalise(images: Tensor) -> Tensor:
-    """Per-channel standardisation with statistics of the given (training) images."""
-    mean = images.mean(dim=(0, 2, 3), keepdim=True)
-    std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (images - mean) / std
 
 
 # ----- splitting ----------------------------------------------------------------------------------
@@ -164,7 +168,9 @@ def load_dataset(cfg: DatasetConfig) -> DataSplits:
         return _digits(cfg)
     if cfg.name == "synthetic":
         return _synthetic(cfg)
-    return _torchvision(cfg)
+    from harness._disk_data import load_from_disk
+
+    return load_from_disk(cfg, DatasetError)
 
 
 def _digits(cfg: DatasetConfig) -> DataSplits:
@@ -204,93 +210,6 @@ def _synthetic(cfg: DatasetConfig) -> DataSplits:
     make = lambda a, b: TensorDataset(images[a:b], labels[a:b])  # noqa: E731
     return DataSplits(make(0, third), make(third, 2 * third), make(2 * third, n), classes, chans, size, cfg.label,
                       {"source": "synthetic (random normal images, random labels)"})
-
-
-_TV = {
-    "cifar10": ("CIFAR10", 10, 3, "cifar-10-batches-py"),
-    "cifar100": ("CIFAR100", 100, 3, "cifar-100-python"),
-    "mnist": ("MNIST", 10, 1, "MNIST/raw"),
-    "fashion_mnist": ("FashionMNIST", 10, 1, "FashionMNIST/raw"),
-    "svhn": ("SVHN", 10, 3, "train_32x32.mat, test_32x32.mat"),
-}
-
-
-def _torchvision(cfg: DatasetConfig) -> DataSplits:
-    import torchvision
-
-    root = Path(cfg.root).expanduser()
-    if cfg.name == "imagefolder":
-        return _imagefolder(cfg, root)
-    cls_name, classes, chans, expected = _TV[cfg.name]
-    cls = getattr(torchvision.datasets, cls_name)
-    try:
-        if cfg.name == "svhn":
-            train_raw = cls(str(root), split="train", download=cfg.download)
-            test_raw = cls(str(root), split="test", download=cfg.download)
-        else:
-            train_raw = cls(str(root), train=True, download=cfg.download)
-            test_raw = cls(str(root), train=False, download=cfg.download)
-    except (RuntimeError, OSError) as exc:
-        raise DatasetError(
-            f"dataset {cfg.name}: files not found or unreadable under {root.resolve()} (looked for {expected}: "
-            f"{str(exc).splitlines()[0]}). Put the torchvision-format files there, point `root` at them, or set "
-            f"`download: true` in the suite (or --download) on a machine with network access") from None
-    train_x, train_y = _to_tensors(train_raw, chans)
-    test_x, test_y = _to_tensors(test_raw, chans)
-    return _splits_from_tensors(cfg, train_x, train_y, test_x, test_y, classes, chans)
-
-
-def _to_tensors(ds: Any, chans: int) -> tuple[Tensor, np.ndarray]:
-    data = ds.data
-    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    if data.ndim == 3:  # N, H, W (MNIST family)
-        data = data[:, None]
-    elif data.shape[-1] == chans and data.ndim == 4 and data.shape[1] != chans:  # N, H, W, C (CIFAR)
-        data = data.transpose(0, 3, 1, 2)
-    labels = np.asarray(getattr(ds, "targets", getattr(ds, "labels", None)), dtype=np.int64)
-    return torch.from_numpy(np.ascontiguousarray(data)).float() / 255.0, labels
-
-
-def _splits_from_tensors(cfg: DatasetConfig, train_x: Tensor, train_y: np.ndarray, test_x: Tensor, test_y: np.ndarray,
-                         classes: int, chans: int) -> DataSplits:
-    train_idx = _limit(np.arange(len(train_y)), train_y, cfg.limit_train)
-    test_idx = _limit(np.arange(len(test_y)), test_y, cfg.limit_test)
-    fit_pos, val_pos = stratified_split(train_y[train_idx], cfg.val_fraction)
-    fit_idx, val_idx = train_idx[fit_pos], train_idx[val_pos]
-    size = cfg.image_size or int(train_x.shape[-1])
-    train_x, test_x = _resize(train_x, size), _resize(test_x, size)
-    mean = train_x[fit_idx].mean(dim=(0, 2, 3), keepdim=True)
-    std = train_x[fit_idx].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    ty, sy = torch.from_numpy(train_y), torch.from_numpy(test_y)
-    aug = _augmentation(cfg.name, size)
-    fit = TensorDataset(train_x[fit_idx], ty[fit_idx])
-    return DataSplits(Augmented(fit, aug) if aug else fit, TensorDataset(train_x[val_idx], ty[val_idx]),
-                      TensorDataset(test_x[test_idx], sy[test_idx]), classes, chans, size, cfg.label,
-                      {"source": f"torchvision {cfg.name} from {cfg.root}", "n_train": len(fit_idx),
-                       "n_val": len(val_idx), "n_test": len(test_idx)})
-
-
-def _imagefolder(cfg: DatasetConfig, root: Path) -> DataSplits:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``root/test``) image folders."""
-    import torchvision
-    from torchvision.transforms import functional as TF
-
-    train_dir = root / "train"
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DatasetError(f"dataset imagefolder: expected {root.resolve()}/train/<class>/ and "
-                           f"{root.resolve()}/val/<class>/ (or test/) folders of images; point `root` at such a folder")
-    size = cfg.image_size or 64
-    tensors = []
-    for folder in (train_dir, test_dir):
-        ds = torchvision.datasets.ImageFolder(str(folder))
-        xs = [TF.to_tensor(TF.resize(ds.loader(p).convert("RGB"), [size, size], antialias=True)) for p, _ in ds.samples]
-        if not xs:
-            raise DatasetError(f"dataset imagefolder: no images under {folder.resolve()}")
-        tensors.append((torch.stack(xs), np.asarray(ds.targets, dtype=np.int64), len(ds.classes)))
-    (trx, try_, classes), (tex, tey, _) = tensors
-    return _splits_from_tensors(cfg, trx, try_, tex, tey, classes, 3)
 
 
 def input_shape(splits: DataSplits) -> tuple[int, int, int]:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from harness._images import loader_workers
 from harness.contract import Trace, dynamic_forward, forward_exits
 
 
@@ -20,7 +21,7 @@ def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
 
 
 def _loader(ds: Dataset, batch_size: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=loader_workers(ds))
 
 
 @torch.no_grad()

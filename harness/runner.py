@@ -124,6 +124,7 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
         for step in plan_steps(state, frozenset(suite.metrics)):
             rows.extend(step.run(state))
         meta["spec"] = spec.to_dict()
+        meta["data"] = splits.info
         meta["card"] = _card_dict(cell.model.name)
         return CellRecord(cell.cell_id, "ok", rows, meta=meta)
     except KeyboardInterrupt:

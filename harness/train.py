@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from harness import contract
+from harness._images import loader_workers
 from harness.checkpoints import CheckpointError, load_model_state, read_checkpoint, save_checkpoint
 from harness.contract import LossTermsModule, ddp_find_unused_parameters
 
@@ -128,7 +129,9 @@ def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig) -> _Loop:
             objective, find_unused_parameters=ddp_find_unused_parameters(model))
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,  # type: ignore[arg-type]
                                  seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True, num_workers=0)
+    workers = loader_workers(train_set)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     if steps == 0:
         raise ValueError(f"the training set ({len(train_set)} samples) is smaller "  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ def run_cli(capsys, *argv):
     (["run", "smoke", "--device", "cuda"], "no CUDA device"),
     (["profile", "resnet2"], "unknown model 'resnet2'"),
     (["show", "/nonexistent/run"], "not a fractalbench run directory"),
+    (["run", "smoke", "--data-root", "/nonexistent/data"], "--data-root /nonexistent/data is not a directory"),
     (["report", "/nonexistent/run"], "not a fractalbench run directory"),
     (["evaluate", "resnet20", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
     (["evaluate", "resnet20", "--checkpoint", "x.pt", "--dataset", "cifar10", "--root", "/nonexistent"],
@@ -98,6 +99,24 @@ def test_list_and_run_and_show(capsys, tmp_path):
     assert code == 0 and "1 skipped (already done)" in out
     code, out, _ = run_cli(capsys, "show", str(tmp_path / "run"), "--metric", "top1")
     assert code == 0 and "top1" in out and "linear" in out
+
+
+def test_data_root_overrides_the_suites_root_and_is_recorded(capsys, tmp_path):
+    import json
+
+    from image_fixtures import write_image_folder
+
+    data = write_image_folder(tmp_path / "elsewhere")
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndatasets: [{name: imagefolder, root: /no/such/folder}]\nmodels: [linear]\n"
+                    "train: {epochs: 1, batch_size: 4}\n")
+    code, _, err = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "bad"), "--no-report")
+    assert code == 2 and "/no/such/folder/train/<class>/" in err  # the suite's own root is used without the flag
+    code, out, _ = run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--no-report",
+                           "--data-root", str(data))
+    assert code == 0 and "1 cell(s) finished" in out and "0 failed" in out
+    (cell,) = (tmp_path / "run" / "cells").glob("*.json")
+    assert str(data) in json.loads(cell.read_text())["meta"]["data"]["source"]
 
 
 def test_console_script_exit_code_in_a_real_process():

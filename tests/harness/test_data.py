@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from image_fixtures import write_image_folder
 
 from harness.data import DatasetConfig, DatasetError, load_dataset, stratified_split
 
@@ -97,3 +98,60 @@ def test_mnist_from_a_local_root_in_the_real_format(tmp_path):
 def test_synthetic_for_cost_only_suites():
     splits = load_dataset(DatasetConfig("synthetic", image_size=32, num_classes=100, in_chans=3, num_samples=30))
     assert splits.num_classes == 100 and splits.test[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("held_out", ["test", "val"])
+def test_image_folder_with_test_or_val_kept_as_uint8_and_named(tmp_path, held_out):
+    root = write_image_folder(tmp_path / "imgs", held_out)
+    splits = load_dataset(DatasetConfig("imagefolder", root=str(root)))
+    assert splits.info["test_split_on_disk"] == held_out and splits.info["classes"] == ["cat", "dog", "frog"]
+    assert len(splits.test) == 9 and len(splits.train) + len(splits.val) == 18 and splits.image_size == 8
+    stored = splits.test.images
+    assert stored.dtype == torch.uint8 and stored.shape == (9, 3, 8, 8)
+    # a sample is the stored pixels normalised with the training split's statistics
+    x, y = splits.test[4]
+    mean, std = splits.test.mean, splits.test.std
+    assert torch.allclose(x, (stored[4].float() / 255 - mean) / std) and int(y) == 1
+    fit = splits.train.base.images.float() / 255  # statistics come from the fit split only
+    assert torch.allclose(mean.flatten(), fit.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def test_png_pixels_survive_exactly(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    from PIL import Image
+
+    splits = load_dataset(DatasetConfig("imagefolder", root=str(root)))
+    original = np.array(Image.open(root / "test" / "dog" / "0001.png").convert("RGB"))
+    assert torch.equal(splits.test.images[4], torch.from_numpy(original).permute(2, 0, 1))  # dog, image 1
+
+
+def test_a_folder_over_the_memory_limit_streams_from_disk(tmp_path):
+    from harness._images import loader_workers
+
+    root = write_image_folder(tmp_path / "imgs")
+    in_memory = load_dataset(DatasetConfig("imagefolder", root=str(root)))
+    streamed = load_dataset(DatasetConfig("imagefolder", root=str(root), memory_limit_mb=0))
+    assert streamed.info["storage"].startswith("streamed") and in_memory.info["storage"].startswith("uint8")
+    assert loader_workers(streamed.train) >= 1 and loader_workers(in_memory.train) == 0
+    assert torch.equal(streamed.test.labels, in_memory.test.labels)
+    for i in (0, 5, 8):  # same pixels either way; the normalisation is estimated from (here: all) train images
+        assert torch.allclose(streamed.test[i][0], in_memory.test[i][0], atol=1e-5)
+
+
+def test_cifar10_reads_the_image_folder_layout_and_says_so(tmp_path):
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    write_image_folder(tmp_path / "cifar10-jpg", n_train=10, n_test=2, size=32, classes=classes)
+    splits = load_dataset(DatasetConfig("cifar10", root=str(tmp_path)))  # finds root/cifar10-jpg
+    assert splits.info["layout"] == "image folder" and "cifar10-jpg" in splits.info["source"]
+    assert splits.num_classes == 10 and len(splits.test) == 20 and splits.train[0][0].shape == (3, 32, 32)
+    direct = load_dataset(DatasetConfig("cifar10", root=str(tmp_path / "cifar10-jpg")))
+    assert torch.equal(direct.test.images, splits.test.images)
+
+
+def test_image_folder_errors_name_the_folder(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="test/<class>/ \\(or val/\\)"):
+        load_dataset(DatasetConfig("imagefolder", root=str(tmp_path / "nothing")))
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images under"):
+        load_dataset(DatasetConfig("imagefolder", root=str(tmp_path)))
