@@ -359,6 +359,10 @@ class FractalNet(DynamicModel):
                 state = {name: v[stay] for name, v in state.items()}
         return DynamicOutput(out, Trace(exit_index, self._one_hot_counts(exit_index)))
 
+    def trace_for_exits(self, exit_index: Tensor) -> Trace:
+        """What compact inference records: the units of the path to each sample's exit."""
+        return Trace(exit_index, self._one_hot_counts(exit_index))
+
     def _one_hot_counts(self, exit_index: Tensor) -> dict[str, Tensor]:
         return {f"exit_{k}": (exit_index == k).float() for k in range(self.num_columns)}
 

@@ -85,6 +85,9 @@ METRICS: tuple[Metric, ...] = (
        "fvcore's count of the same MAC ops (static models, cross-check)"),
     _m("macs_oracle_error", "MACs", "count", "cost", False,
        "max |counted - cost table| over the per-sample oracle at batch 1 (0 = the table is exact)"),
+    _m("sweep_path_mismatches", "count", "count", "cost", False,
+       "(sample, point) pairs where the real stopping path's exit or prediction differs from the threshold sweep "
+       "computed from exit logits, near-ties excused (0 = the sweep is exact)"),
     # dynamic behaviour
     _m("expected_macs", "MACs", "info", "cost", False,
        "mean over test samples of the MACs each executed under the operating point (cost table x trace)"),

@@ -136,6 +136,12 @@ class DynamicModel(nn.Module):
     def cost_units(self) -> list[CostUnit]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def trace_for_exits(self, exit_index: Tensor) -> Trace | None:
+        """The trace compact inference records for samples that leave at ``exit_index`` [N], for
+        cascades whose executed units follow from the exit alone (threshold sweeps are then computed
+        from exit logits, see ``harness._sweep``); None (the default) where they depend on more."""
+        return None
+
 
 # ----- protocol functions that work on every nn.Module -------------------------------------------
 

@@ -100,6 +100,10 @@ class EarlyExitNetwork(DynamicModel):
         ran_everything = torch.full_like(exit_index, self.num_exits - 1)
         return DynamicOutput(out, Trace(exit_index, self._one_hot_counts(ran_everything)))
 
+    def trace_for_exits(self, exit_index: Tensor) -> Trace:
+        """What compact inference records: the units of the path to each sample's exit."""
+        return Trace(exit_index, self._one_hot_counts(exit_index))
+
     def _one_hot_counts(self, exit_index: Tensor) -> dict[str, Tensor]:
         return {f"exit_{k}": (exit_index == k).float() for k in range(self.num_exits)}
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from harness import calibration, contract
+from harness._sweep import check_real_path, simulated_logits
 from harness.data import DataSplits, input_shape
 from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy
 from harness.metrics.flops import CostTable, build_cost_table, cost_rows, expected_cost_rows, oracle_rows
@@ -181,8 +182,7 @@ def _budget_point(s: CellState, name: str, budget: float) -> OperatingPoint:
     return OperatingPoint(f"{name}@budget{budget:g}", None, fit.policy, fit.fitted_on, detail)
 
 
-def step_threshold_sweep(s: CellState) -> Rows:
-    """Early-exit models: every policy's threshold grid and the validation-fitted budget points."""
+def _grid_points(s: CellState) -> list[OperatingPoint]:
     val = s.need("val_exits")
     points = []
     for cfg in s.suite.policies or (PolicyConfig("confidence"),):
@@ -190,7 +190,43 @@ def step_threshold_sweep(s: CellState) -> Rows:
         points.extend(OperatingPoint(cfg.name, float(t), make_policy(cfg.name, t), "none (grid point)") for t in grid)
         if cfg.name != "patience":
             points.extend(_budget_point(s, cfg.name, budget) for budget in s.suite.budgets)
-    return _score_points(s, points)
+    return points
+
+
+class SweepMismatchError(RuntimeError):
+    """The real stopping path disagreed with the sweep computed from exit logits."""
+
+
+def _simulated_sweep(s: CellState, points: list[OperatingPoint]) -> Rows:
+    """Every point's test accuracy and trace from the test exit logits, then the real-path check."""
+    test = s.need("test_exits")
+    how = "simulated from the exit logits of one forward_exits pass; checked on a subset against the real path"
+    rows = []
+    for point in points:
+        exit_index, logits = simulated_logits(point.decider, test.logits)
+        point.trace = s.model.trace_for_exits(exit_index)
+        rows.append(s.row("policy_top1", topk_accuracy(logits, test.labels, 1), "%", **point.key, split="test",
+                          n=len(test.labels), detail={"fitted_on": point.fitted_on, **point.detail, "computed": how}))
+    s.points.extend(points)
+    check = check_real_path(s.model, s.splits.test, [p.decider for p in points], test.logits,
+                            s.suite.cost.sweep_check_samples, s.suite.eval_batch_size, s.device)
+    rows.append(s.row("sweep_path_mismatches", check["mismatches"], "count", split="test", n=check["checked"],
+                      detail=check))
+    if check["mismatches"]:
+        raise SweepMismatchError(f"the real stopping path disagrees with the simulated sweep on {check['mismatches']} "
+                                 f"of {check['checked']} (sample, point) pairs: {check}")
+    return rows
+
+
+def step_threshold_sweep(s: CellState) -> Rows:
+    """Early-exit models: every policy's threshold grid and the validation-fitted budget points.
+    Cascades whose trace follows from the exit (``trace_for_exits``) are swept from the exit logits
+    and checked against the real path on a subset; others run the real path for every point."""
+    points = _grid_points(s)
+    probe = s.model.trace_for_exits(torch.zeros(1, dtype=torch.long))
+    if probe is None or s.suite.cost.sweep_check_samples == 0:
+        return _score_points(s, points)
+    return _simulated_sweep(s, points)
 
 
 LEARNED_POINT = {"gated": ("gates", "learned gates"), "routed": ("router", "learned router")}
@@ -344,8 +380,8 @@ STEPS: tuple[Step, ...] = (
     Step("train", step_train, produces=("checkpoint",)),
     Step("accuracy", step_accuracy, _m("accuracy", "sweep"), produces=("test_exits", "val_exits")),
     Step("cost_table", step_cost_table, produces=("cost_table",), on_demand=True),
-    Step("threshold_sweep", step_threshold_sweep, _m("sweep"), needs=("val_exits", "cost_table"), produces=("points",),
-         applies=lambda s: s.kind == "early_exit"),
+    Step("threshold_sweep", step_threshold_sweep, _m("sweep"), needs=("val_exits", "test_exits", "cost_table"),
+         produces=("points",), applies=lambda s: s.kind == "early_exit"),
     Step("learned_decisions", step_learned_decisions, _m("sweep", "cost"), produces=("points",),
          applies=lambda s: s.kind in LEARNED_POINT),
     Step("cost", step_cost, _m("cost"), needs=("cost_table",), reads=("points",)),
