@@ -78,7 +78,8 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     store.write_meta("suite.json", {"name": suite.name, "path": suite.path, "digest": suite.digest,
                                     "content": suite.raw})
-    store.write_meta("environment.json", collect_environment())
+    environment = collect_environment()
+    store.write_meta("environment.json", environment)
     cells = plan_cells(suite, devices)
     summary = RunSummary(out_dir)
     t0 = time.perf_counter()
@@ -92,7 +93,8 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
                 echo(f"[{i}/{len(cells)}] {cell.cell_id}: already done, skipped")
                 continue
             started = time.perf_counter()
-            record = run_cell(cell, suite, store, splits_cache[cell.dataset], progress=progress)
+            record = run_cell(cell, suite, store, splits_cache[cell.dataset], progress=progress,
+                              commit=environment["git_commit"])
             store.write_cell(record)
             store.write_tables()
             took = time.perf_counter() - started
@@ -110,11 +112,13 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     return summary
 
 
-def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, progress: bool = False) -> CellRecord:
+def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, progress: bool = False,
+             commit: str = "") -> CellRecord:
     """Run one cell; any exception becomes an error record (KeyboardInterrupt propagates)."""
     fields = {"run_id": store.run_id, "suite": suite.name, "cell_id": cell.cell_id, "model": cell.model.display,
               "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device}
-    meta = {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label, "device": cell.device}
+    meta = {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label, "device": cell.device,
+            "git_commit": commit}  # a resumed run's cells may come from different commits
     try:
         spec = ModelSpec(cell.model.name, dict(cell.model.kwargs), splits.num_classes, splits.in_chans)
         torch.manual_seed(suite.seed)
