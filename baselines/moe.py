@@ -58,6 +58,11 @@ from harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check
 from harness.registry import ModelCard, register_model
 
 ROUTERS = ("noisy_topk", "switch")
+ROUTER_INITS = ("zero", "fedus", "torch")
+"""How router (and noise) projections start: ``zero`` (Shazeer et al.: W_g = W_noise = 0, so routing
+starts uniform and only the noise spreads tokens), ``fedus`` (Switch Transformers: truncated normal,
+std sqrt(0.1 / fan_in)), ``torch`` (nn.Linear's default uniform init, this build's earlier choice,
+which routes unevenly from the first step)."""
 SHAZEER = "Shazeer et al., Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer, ICLR 2017"
 FEDUS = "Fedus et al., Switch Transformers: Scaling to Trillion Parameter Models, JMLR 2022"
 
@@ -147,6 +152,19 @@ class MoELayer(nn.Module):
         self.noise = nn.Linear(channels, num_experts, bias=False) if router == "noisy_topk" else None
         self.experts = nn.ModuleList(Expert(channels, expansion) for _ in range(num_experts))
 
+    def init_router(self, how: str) -> None:
+        """Initialise the router and noise projections (see :data:`ROUTER_INITS`)."""
+        if how not in ROUTER_INITS:
+            raise ValueError(f"router_init {how!r} is not one of {', '.join(ROUTER_INITS)}")
+        for linear in (self.router, self.noise):
+            if linear is None or how == "torch":
+                continue
+            if how == "zero":
+                nn.init.zeros_(linear.weight)
+            else:
+                std = math.sqrt(0.1 / linear.in_features)
+                nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+
     def capacity(self, tokens: int) -> int | None:
         """Per-sample capacity of each expert: ceil(capacity_factor * k * T / E) (None: unlimited)."""
         if self.capacity_factor is None:
@@ -221,7 +239,7 @@ class MoEResNet(DynamicModel):
     def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, *, router: str = "noisy_topk",
                  num_experts: int = 4, k: int = 2, expansion: int = 4, moe_layers: int = 2,
                  capacity_factor: float | None = None, importance_weight: float = 0.1, load_weight: float = 0.1,
-                 balance_weight: float = 0.01, noise_epsilon: float = 1e-2) -> None:
+                 balance_weight: float = 0.01, noise_epsilon: float = 1e-2, router_init: str | None = None) -> None:
         super().__init__()
         self.backbone = CifarResNet(depth, num_classes, in_chans)
         stage3 = len(self.backbone.layer3)
@@ -231,6 +249,9 @@ class MoEResNet(DynamicModel):
         self.moe_after = tuple(range(stage3 - moe_layers, stage3))  # block indices in stage 3
         self.moe = nn.ModuleList(MoELayer(width, num_experts, k, router, expansion, capacity_factor, noise_epsilon)
                                  for _ in range(moe_layers))
+        self.router_init = router_init or ("zero" if router == "noisy_topk" else "fedus")
+        for layer in self.moe:
+            layer.init_router(self.router_init)
         self.router_type, self.num_experts, self.k = router, num_experts, k
         self.importance_weight, self.load_weight, self.balance_weight = importance_weight, load_weight, balance_weight
 
@@ -340,20 +361,23 @@ def _card(paper: str, notes: str) -> ModelCard:
 
 @register_model(card=_card(SHAZEER, "ResNet-20 + 2 token-wise MoE FFN layers (4 experts, expansion 4) after the last "
                                     "two blocks of stage 3; noisy top-2 gating, no capacity limit; importance and load "
-                                    "losses (w=0.1)."))
+                                    "losses (w=0.1); router and noise projections start at zero as in the paper "
+                                    "(router_init='torch': nn.Linear's default)."))
 def moe_resnet20_top2(*, num_classes: int = 10, in_chans: int = 3, num_experts: int = 4, k: int = 2, expansion: int = 4,
                       moe_layers: int = 2, capacity_factor: float | None = None, importance_weight: float = 0.1,
-                      load_weight: float = 0.1) -> MoEResNet:
+                      load_weight: float = 0.1, router_init: str = "zero") -> MoEResNet:
     return MoEResNet(20, num_classes, in_chans, router="noisy_topk", num_experts=num_experts, k=k, expansion=expansion,
                      moe_layers=moe_layers, capacity_factor=capacity_factor, importance_weight=importance_weight,
-                     load_weight=load_weight)
+                     load_weight=load_weight, router_init=router_init)
 
 
 @register_model(card=_card(FEDUS, "ResNet-20 + 2 token-wise MoE FFN layers (4 experts, expansion 4) after the last two "
                                   "blocks of stage 3; Switch top-1 routing, capacity factor 1.25 per sample's tokens; "
-                                  "load-balancing loss (w=0.01)."))
+                                  "load-balancing loss (w=0.01); router starts from a truncated normal with std "
+                                  "sqrt(0.1 / fan_in) as in the paper (router_init='torch': nn.Linear's default)."))
 def switch_resnet20(*, num_classes: int = 10, in_chans: int = 3, num_experts: int = 4, expansion: int = 4,
                     moe_layers: int = 2, capacity_factor: float | None = 1.25,
-                    balance_weight: float = 0.01) -> MoEResNet:
+                    balance_weight: float = 0.01, router_init: str = "fedus") -> MoEResNet:
     return MoEResNet(20, num_classes, in_chans, router="switch", num_experts=num_experts, k=1, expansion=expansion,
-                     moe_layers=moe_layers, capacity_factor=capacity_factor, balance_weight=balance_weight)
+                     moe_layers=moe_layers, capacity_factor=capacity_factor, balance_weight=balance_weight,
+                     router_init=router_init)

@@ -5,12 +5,17 @@ each residual block that decides, per sample, whether the block runs:
 ``x' = g * block(x) + (1 - g) * x`` with ``g`` in {0, 1} at inference (``g = p > 0.5``, p the
 gate's sigmoid output).
 
-Which blocks are gated. The first block of every stage is never gated: blocks 2..n of each stage
-are, so there are ``G = 3 (n - 1)`` gates (15, 33, 51). The first block of stages 2 and 3 changes
-resolution and channels (stride 2, 16->32->64), so skipping it would need a projection shortcut;
-keeping it ungated, like the first block of stage 1 (which the official code never gates either),
-keeps the parameter-free option-A shortcuts of :mod:`baselines.resnet`. (The official CIFAR code
-gates the downsampling blocks too, with a 1x1-conv shortcut; this build does not.)
+Which blocks are gated (``gating``):
+
+- ``"official"`` (default, as the authors' CIFAR code builds it): every residual block but the first
+  of stage 1 has a gate, so there are ``G = 3n - 1`` gates (17, 35, 53; the authors' code makes 3n
+  gate modules and drops the last one's decision). A skipped block passes its input through its
+  shortcut: the identity, or for the first block of stages 2 and 3 (stride 2, 16->32->64 channels)
+  the parameter-free option-A shortcut of :mod:`baselines.resnet` (subsample, zero-pad channels).
+  The authors use a 1x1-conv projection there; this build keeps the backbone's option-A shortcuts,
+  so the network equals :mod:`baselines.resnet`'s ResNet with every gate open.
+- ``"no_downsampling"`` (this build's earlier choice): the first block of every stage is ungated,
+  ``G = 3 (n - 1)`` gates (15, 33, 51), so about 15 % of the full network's MACs always run.
 
 Gates (``gate_type``), each reading the block's input feature map ``x``:
 
@@ -76,6 +81,7 @@ from harness.registry import ModelCard, register_model
 
 PAPER = "Wang et al., SkipNet: Learning Dynamic Routing in Convolutional Networks, ECCV 2018"
 GATE_TYPES = ("rnn", "ffgate1", "ffgate2")
+GATINGS = ("official", "no_downsampling")
 TRAINING_STAGES = ("supervised", "hybrid_rl")
 
 
@@ -156,30 +162,34 @@ class SkipNet(DynamicModel):
 
     def __init__(self, depth: int = 38, num_classes: int = 10, in_chans: int = 3, *, gate_type: str = "rnn",
                  alpha: float = 0.1, rl_weight: float = 1.0, training_stage: str = "supervised",
-                 embed_dim: int = 10, hidden_dim: int = 10, zero_init_residual: bool = True) -> None:
+                 embed_dim: int = 10, hidden_dim: int = 10, zero_init_residual: bool = True,
+                 gating: str = "official") -> None:
         super().__init__()
         if gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type {gate_type!r} is not one of {', '.join(GATE_TYPES)}")
+        if gating not in GATINGS:
+            raise ValueError(f"gating {gating!r} is not one of {', '.join(GATINGS)}")
         self.backbone = CifarResNet(depth, num_classes, in_chans)
-        self.depth, self.gate_type = depth, gate_type
+        self.depth, self.gate_type, self.gating = depth, gate_type, gating
         self.alpha, self.rl_weight = float(alpha), float(rl_weight)
         self.training_stage = training_stage
         stages = [self.backbone.layer1, self.backbone.layer2, self.backbone.layer3]
-        # (block, gate index or None) in network order; the first block of each stage is ungated
+        # (block, gate index or None) in network order (see the module docstring for which are gated)
         self._plan: list[tuple[nn.Module, int | None]] = []
         names, channels = [], []
         for s, stage in enumerate(stages):
             for b, block in enumerate(stage):
-                if b == 0:
+                if (s == 0 and b == 0) if gating == "official" else b == 0:
                     self._plan.append((block, None))
                 else:
                     self._plan.append((block, len(names)))
                     names.append(f"layer{s + 1}.{b}")
                     channels.append(block.conv1.in_channels)
         self.gated_block_names: tuple[str, ...] = tuple(names)
-        if zero_init_residual:
+        if zero_init_residual:  # gated identity-shortcut blocks start as the identity (see the docstring)
             for block in self.gated_blocks():
-                nn.init.zeros_(block.bn2.weight)
+                if isinstance(block.shortcut, nn.Identity):
+                    nn.init.zeros_(block.bn2.weight)
         if gate_type == "rnn":
             self.gate: nn.Module = RecurrentGate(channels, embed_dim, hidden_dim)
         else:
@@ -235,12 +245,14 @@ class SkipNet(DynamicModel):
             bits.append(on)
             probs.append(p)
             if mode == "mask":
-                h = torch.where(on[:, None, None, None], block(h), h)
+                h = torch.where(on[:, None, None, None], block(h), block.shortcut(h))
             elif bool(on.all()):
                 h = block(h)
             elif bool(on.any()):
                 idx = on.nonzero().squeeze(1)
-                h = h.index_copy(0, idx, block(h[idx]))
+                h = block.shortcut(h).index_copy(0, idx, block(h[idx]))
+            else:
+                h = block.shortcut(h)  # a skipped block passes its input through its shortcut
         logits = self.backbone.head(h)
         gates = torch.stack(bits, 1) if bits else torch.zeros(n, 0, dtype=torch.bool, device=x.device)
         counts = {"base": torch.ones(n, device=x.device)}
@@ -291,7 +303,7 @@ class SkipNet(DynamicModel):
                 action = torch.bernoulli(p.detach()) if sample else (p > 0.5).float()
                 gate = action
             gate4 = gate[:, None, None, None]
-            h = gate4 * block(h) + (1 - gate4) * h
+            h = gate4 * block(h) + (1 - gate4) * block.shortcut(h)
             gate_logits.append(logit)
             actions.append(action)
         logits = self.backbone.head(h)
@@ -352,8 +364,9 @@ def _card(depth: int) -> ModelCard:
         reference_source="SkipNet reports CIFAR results as accuracy-vs-FLOPs curves (Fig. 4) and the headline "
         "'30-90% less computation at the original accuracy' (abstract); no single table entry per depth is "
         "copied here. Official hyper-parameters: alpha 0.1, rl_weight 0.01 (batch-summed), RL lr 1e-4.",
-        notes=f"ResNet-{depth} (n={n}) with option-A shortcuts; first block of each stage ungated "
-        f"({3 * (n - 1)} gates; the official code also gates the downsampling blocks). Recurrent gate by default "
+        notes=f"ResNet-{depth} (n={n}) with option-A shortcuts; every block but the first gated as in the official "
+        f"code ({3 * n - 1} gates; a skipped downsampling block is its option-A shortcut, the official code's is a "
+        f"1x1 projection; gating='no_downsampling': {3 * (n - 1)} gates). Recurrent gate by default "
         "(gate_type='ffgate1'/'ffgate2' for the feed-forward gates); LSTM written with explicit Linear ops (one bias). "
         "forward_exits/forced_forward = full network with all gates evaluated; dynamic rows = learned gates.",
     )
@@ -361,20 +374,23 @@ def _card(depth: int) -> ModelCard:
 
 @register_model(card=_card(38))
 def skipnet38(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
-              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True) -> SkipNet:
+              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
+              gating: str = "official") -> SkipNet:
     return SkipNet(38, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual)
+                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
 
 
 @register_model(card=_card(74))
 def skipnet74(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
-              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True) -> SkipNet:
+              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
+              gating: str = "official") -> SkipNet:
     return SkipNet(74, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual)
+                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
 
 
 @register_model(card=_card(110))
 def skipnet110(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
-               rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True) -> SkipNet:
+               rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
+               gating: str = "official") -> SkipNet:
     return SkipNet(110, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual)
+                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)

@@ -152,11 +152,28 @@ def test_capacity_priority_first_choices_then_second_choices():
     assert MoELayer(4, 3, 2)._apply_capacity(choice).tolist() == choice.tolist()  # no capacity: nothing dropped
 
 
+def test_router_init_follows_the_papers():
+    top2, switch = build("moe_resnet20_top2"), build("switch_resnet20")
+    assert top2.router_init == "zero" and switch.router_init == "fedus"
+    for layer in top2.moe:  # Shazeer et al.: W_g = W_noise = 0, so the first routing is uniform
+        assert not layer.router.weight.any() and not layer.noise.weight.any()
+    weights = torch.cat([layer.router.weight.flatten() for layer in switch.moe])
+    fan_in = switch.moe[0].router.in_features
+    assert weights.std().item() == pytest.approx((0.1 / fan_in) ** 0.5 * 0.88, rel=0.2)  # truncated at 2 std
+    assert weights.abs().max().item() <= 2 * (0.1 / fan_in) ** 0.5
+    z = torch.randn(1, 5, top2.moe[0].router.in_features)
+    routing = top2.moe[0].route(z, noisy=False)
+    assert not routing.clean_logits.any()  # every expert equally likely: the top-2 weights are 1/2 each
+    assert torch.allclose(routing.weights, torch.full_like(routing.weights, 0.5))
+    with pytest.raises(ValueError, match="router_init 'ones' is not one of zero, fedus, torch"):
+        build("moe_resnet20_top2", router_init="ones")
+
+
 # ----- dispatch, batch-1 vs batched, the oracle -----------------------------------------------------
 
 @pytest.mark.parametrize("name", ["moe_resnet20_top2", "switch_resnet20"])
 def test_batch_1_and_batched_routing_agree(name):
-    model = build(name)
+    model = build(name, router_init="torch")  # a router that spreads tokens at init (zero init routes uniformly)
     x = torch.randn(6, 3, 16, 16)
     with torch.no_grad():
         batched = model.dynamic_forward(x)

@@ -11,6 +11,12 @@ from baselines.skipnet import SkipNet, reinforce_loss, skip_rates
 from harness import contract
 from harness.registry import create_model, list_models, model_card
 
+
+def legacy(name: str, **options):
+    """The build with the first block of every stage ungated (``gating="no_downsampling"``), which the
+    hand-computed counts below describe (15, 33, 51 gates); the authors' gating has its own test."""
+    return create_model(name, **{"gating": "no_downsampling", **options})
+
 # ----- helpers ---------------------------------------------------------------------------------------
 
 
@@ -36,8 +42,10 @@ def calibrate_gates(model, x) -> None:
 
 
 def small(gate_type="rnn", depth=20, seed=0, **kw) -> SkipNet:
-    """A small SkipNet with the paper's init (blocks not the identity, so skipping changes outputs)."""
+    """A small SkipNet with the paper's init (blocks not the identity, so skipping changes outputs), gated as
+    the hand counts below assume (``no_downsampling``) unless ``gating`` says otherwise."""
     torch.manual_seed(seed)
+    kw = {"gating": "no_downsampling", **kw}
     return SkipNet(depth, num_classes=10, in_chans=3, gate_type=gate_type, zero_init_residual=False, **kw).eval()
 
 
@@ -63,34 +71,57 @@ EXACT_PARAMS = {
 
 @pytest.mark.parametrize("name,gate_type", sorted(EXACT_PARAMS))
 def test_parameter_counts_by_hand(name, gate_type):
-    model = create_model(name, num_classes=10, gate_type=gate_type)
+    model = legacy(name, num_classes=10, gate_type=gate_type)
     assert sum(p.numel() for p in model.parameters()) == EXACT_PARAMS[(name, gate_type)]
     assert EXACT_PARAMS[("skipnet38", "rnn")] == 567_971 and EXACT_PARAMS[("skipnet110", "rnn")] == 1_748_363
 
 
+def test_official_gating_gates_every_block_but_the_first_and_skips_through_the_shortcut():
+    """The authors' CIFAR code: 3n - 1 gated blocks; a skipped downsampling block is its shortcut."""
+    for name, gates in [("skipnet38", 17), ("skipnet74", 35), ("skipnet110", 53)]:
+        assert create_model(name).num_gates == gates
+    model = create_model("skipnet38", num_classes=10, zero_init_residual=False).eval()
+    assert model.gated_block_names[:7] == ("layer1.1", "layer1.2", "layer1.3", "layer1.4", "layer1.5", "layer2.0",
+                                           "layer2.1")
+    # every gate closed: stem, layer1.0, the two option-A shortcuts (no MACs), the head
+    b = model.backbone
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = b.layer1[0](b.stem(x))
+        h = b.layer3[0].shortcut(b.layer2[0].shortcut(h))
+        closed = model.dynamic_forward(x, forced_gates=[False] * 17).logits
+        assert torch.allclose(closed, b.head(h), atol=1e-5)
+        assert torch.allclose(model.dynamic_forward(x, forced_gates=[True] * 17).logits, b(x), atol=1e-4)
+    legacy = create_model("skipnet38", num_classes=10, gating="no_downsampling")
+    # two more gates (recurrent: a C->10 embedding each, C = 16 and 32 channels at the downsampling blocks)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in legacy.parameters()) == 170 + 330
+    with pytest.raises(ValueError, match="gating 'every' is not one of official, no_downsampling"):
+        create_model("skipnet38", gating="every")
+
+
 def test_registered_names_cards_and_gate_counts():
     assert {"skipnet38", "skipnet74", "skipnet110"} <= set(list_models("skipnet*"))
-    for name, gates in [("skipnet38", 15), ("skipnet74", 33), ("skipnet110", 51)]:
+    for name, gates in [("skipnet38", 15), ("skipnet74", 33), ("skipnet110", 51)]:  # the first block of each stage
         card = model_card(name)
         assert card.dynamic_kind == "gated" and card.family == "skipnet"
-        model = create_model(name, num_classes=10)
+        model = legacy(name, num_classes=10)
         assert model.num_gates == gates and model.depth == int(name[len("skipnet"):])
         assert model.gated_block_names[0] == "layer1.1" and "layer2.0" not in model.gated_block_names
     with pytest.raises(ValueError, match="gate_type"):
-        create_model("skipnet38", gate_type="lstm")
+        legacy("skipnet38", gate_type="lstm")
     with pytest.raises(ValueError, match="training_stage"):
-        create_model("skipnet38", training_stage="rl")
+        legacy("skipnet38", training_stage="rl")
 
 
 def test_zero_init_residual_only_on_gated_blocks():
-    model = create_model("skipnet38", num_classes=10).eval()
+    model = legacy("skipnet38", num_classes=10).eval()
     assert all(b.bn2.weight.abs().sum() == 0 for b in model.gated_blocks())
     assert all(getattr(model.backbone, f"layer{s}")[0].bn2.weight.eq(1).all() for s in (1, 2, 3))
     with torch.no_grad():  # gated blocks start as the identity: skipping them changes nothing
         x = torch.randn(2, 3, 16, 16)
         assert torch.allclose(model.dynamic_forward(x, forced_gates=[True] * 15).logits,
                               model.dynamic_forward(x, forced_gates=[False] * 15).logits, atol=1e-5)
-    paper = create_model("skipnet38", num_classes=10, zero_init_residual=False)
+    paper = legacy("skipnet38", num_classes=10, zero_init_residual=False)
     assert all(b.bn2.weight.eq(1).all() for b in paper.gated_blocks())
 
 
