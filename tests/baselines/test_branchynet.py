@@ -3,7 +3,7 @@ forced paths stop after their exit, batch-1 and batched decisions agree, and the
 the trace equals FlopCounterMode's count of the real dynamic forward, sample by sample."""
 import pytest
 import torch
-from helpers import counted_macs, median_policy, unit_table, warm_batchnorm
+from model_helpers import counted_macs, median_policy, unit_table, warm_batchnorm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import counted_macs, median_policy, unit_table, warm_batchnorm
+from model_helpers import counted_macs, median_policy, unit_table, warm_batchnorm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import counted_macs, unit_table
+from model_helpers import counted_macs, unit_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.moe import (

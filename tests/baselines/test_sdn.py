@@ -3,7 +3,7 @@ backbone's forward is kept, SDN's loss weights, clear errors for what cannot be 
 early-exit protocol (prefix-only forced paths, batch-1 = batched, cost table = counted MACs)."""
 import pytest
 import torch
-from helpers import counted_macs, median_policy, unit_table, warm_batchnorm
+from model_helpers import counted_macs, median_policy, unit_table, warm_batchnorm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import counted_macs, unit_table
+from model_helpers import counted_macs, unit_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.skipnet import SkipNet, reinforce_loss, skip_rates

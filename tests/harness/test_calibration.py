@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from model_helpers import warm_batchnorm
 
 from harness import calibration
 from harness.contract import executed_macs
@@ -117,17 +117,6 @@ def test_bad_inputs():
         calibration.sweep("confidence", HAND_LOGITS, HAND_LABELS, [1.0, 2.0])
     with pytest.raises(ValueError, match="3 labels for 4 samples"):
         calibration.sweep("confidence", HAND_LOGITS, HAND_LABELS[:3], HAND_COSTS)
-
-
-def warm_batchnorm(model, x):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model.forward_exits(x)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name,kwargs,policy", [

@@ -1,5 +1,6 @@
-"""Helpers shared by the baseline tests: MACs counted without the harness, cost tables by hand,
-BatchNorm warm-up and thresholds that split a batch over the exits."""
+"""Helpers shared by the tests (imported as ``model_helpers``; tests/ is on the path through its
+conftest): MACs counted without the harness, cost tables by hand, BatchNorm warm-up and thresholds
+that split a batch over the exits."""
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
