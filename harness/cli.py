@@ -73,9 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_list, _add_run, _add_show, _add_profile, _add_evaluate, _add_report, _add_compare, _add_baseline,
-                _add_schema):
+                _add_schema, _add_export):
         add(sub)
     return parser
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="copy a run's results (no checkpoints) to a folder to commit",
+                       description="Copy RUN's cell files, results.csv/json, environment, suite, HTML report and its "
+                                   "plots/tables to DEST, with a COMMAND file; checkpoints and artifacts stay behind.")
+    p.add_argument("run", type=Path, help="run directory (written by `fractalbench run`)")
+    p.add_argument("dest", type=Path, help="destination folder, e.g. results/cifar10")
+    p.add_argument("--command", dest="run_command", required=True,
+                   help="the exact command that made the run, stored as DEST/COMMAND")
 
 
 def _add_schema(sub: argparse._SubParsersAction) -> None:
@@ -377,6 +387,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.results import export_run
+
+    if args.dest.exists() and not args.dest.is_dir():
+        raise CliError(f"{args.dest} exists and is not a directory")
+    written = export_run(args.run, args.dest, args.run_command)
+    print(f"exported {len(written)} files to {args.dest}")
+    return EXIT_OK
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     from tabulate import tabulate
 
@@ -384,7 +404,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "evaluate": cmd_evaluate,
-            "report": cmd_report, "compare": cmd_compare, "baseline": cmd_baseline, "schema": cmd_schema}
+            "report": cmd_report, "compare": cmd_compare, "baseline": cmd_baseline, "schema": cmd_schema,
+            "export": cmd_export}
 
 
 if __name__ == "__main__":  # pragma: no cover

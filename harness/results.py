@@ -257,6 +257,32 @@ def open_run(run_dir: Path | str) -> RunData:
                    _read_json_object(path / "environment.json"))
 
 
+EXPORTED_FILES = ("results.csv", "results.json", "environment.json", "suite.json", "report.html")
+
+
+def export_run(run_dir: Path | str, dest: Path | str, command: str) -> list[Path]:
+    """Copy what a committed reference run keeps (the way timm keeps its results tables): the cell
+    files, results.csv/json, environment.json, suite.json, the HTML report and its report/ folder
+    of plots and tables, plus COMMAND (the exact command that made the run). Checkpoints and other
+    artifacts stay behind. ``dest`` is replaced file by file; returns the files written."""
+    import shutil
+
+    src, out = check_run_dir(run_dir), Path(dest)
+    if out.resolve() == src.resolve():
+        raise ResultsError(f"export destination {out} is the run directory itself")
+    written = []
+    for name in EXPORTED_FILES:
+        if (src / name).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            written.append(Path(shutil.copy2(src / name, out / name)))
+    for folder in ("cells", "report"):
+        if (src / folder).is_dir():
+            shutil.copytree(src / folder, out / folder, dirs_exist_ok=True)
+            written.extend(sorted(p for p in (out / folder).rglob("*") if p.is_file()))
+    atomic_write_text(out / "COMMAND", command.strip() + "\n")
+    return [*written, out / "COMMAND"]
+
+
 def rows_for(rows: Iterable[Mapping[str, Any]], **match: Any) -> list[Mapping[str, Any]]:
     """Rows whose fields equal every given value (a small helper for tests and reports)."""
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]

@@ -119,6 +119,24 @@ def test_data_root_overrides_the_suites_root_and_is_recorded(capsys, tmp_path):
     assert str(data) in json.loads(cell.read_text())["meta"]["data"]["source"]
 
 
+def test_export_copies_results_and_report_but_no_checkpoints(capsys, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndatasets: [{name: digits, image_size: 8}]\nmodels: [linear]\n"
+                    "train: {epochs: 1, batch_size: 32}\n")
+    assert run_cli(capsys, "run", str(path), "--out", str(tmp_path / "run"))[0] == 0
+    assert (tmp_path / "run" / "artifacts" / "linear__digits8__cpu" / "model.pt").is_file()
+    code, out, _ = run_cli(capsys, "export", str(tmp_path / "run"), str(tmp_path / "results"),
+                           "--command", "fractalbench run s.yaml --out run")
+    assert code == 0 and "exported" in out
+    files = {p.relative_to(tmp_path / "results").as_posix() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    assert {"results.csv", "results.json", "environment.json", "suite.json", "report.html", "COMMAND",
+            "cells/linear__digits8__cpu.json"} <= files
+    assert not any(f.endswith(".pt") or f.startswith("artifacts") for f in files)
+    assert (tmp_path / "results" / "COMMAND").read_text() == "fractalbench run s.yaml --out run\n"
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "nothing"), str(tmp_path / "r2"), "--command", "x")
+    assert code == 2 and "does not exist" in err
+
+
 def test_console_script_exit_code_in_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "nosuch"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
