@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ def make_row(metric: str, value: float | None, unit: str, **fields: Any) -> dict
     if isinstance(row["detail"], (dict, list)):
         row["detail"] = json.dumps(row["detail"], sort_keys=True, default=_json_default)
     return row
+
+
+def slug(text: object) -> str:
+    """``text`` made safe as a file or cell name: runs of other characters become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
 
 
 def field_row(metric: str, value: float | None, unit: str, fields: Mapping[str, Any], **extra: Any) -> dict[str, Any]:

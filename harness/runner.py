@@ -8,7 +8,6 @@ on. Ctrl-C stops the run after the finished cells are safely on disk.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import traceback
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from harness.data import DatasetConfig, DataSplits, load_dataset
 from harness.devices import check_device
 from harness.environment import collect_environment
 from harness.registry import ModelSpec, model_card
-from harness.results import CellRecord, RunStore, make_row
+from harness.results import CellRecord, RunStore, make_row, slug
 from harness.steps import CellState, plan_steps
 from harness.suites import ModelEntry, Suite, SuiteError
 
@@ -48,10 +47,6 @@ class RunSummary:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
 def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:

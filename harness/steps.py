@@ -30,7 +30,7 @@ from harness.metrics.flops import CostTable, build_cost_table, cost_rows, expect
 from harness.metrics.settings import StreamPoint
 from harness.policies import ExitPolicy, make_policy
 from harness.registry import ModelSpec
-from harness.results import RunStore, make_row
+from harness.results import RunStore, make_row, slug
 from harness.suites import PolicyConfig, Suite, sweep_train_config, train_config_for
 from harness.train import train_model
 
@@ -277,7 +277,7 @@ def step_attribute_sweep(s: CellState) -> Rows:
         model, point = _sweep_model(s, value), {"policy": sweep.attribute, "threshold": value}
         detail = {"stage": dict(sweep.set), "from": "first-stage weights", "fitted_on": "train"}
         if cfg is not None and cfg.epochs > 0:
-            name = f"stage2_{_slug(sweep.attribute)}_{value:g}.pt"
+            name = f"stage2_{slug(sweep.attribute)}_{value:g}.pt"
             spec = {**s.spec.to_dict(), "stage": {**sweep.set, sweep.attribute: value}}
             result = train_model(model, s.splits.train, cfg, device=s.device, progress=s.progress, spec=spec,
                                  checkpoint=s.store.artifact_dir(s.cell.cell_id) / name)
@@ -341,14 +341,8 @@ def step_extras(s: CellState) -> Rows:
         extras = contract.extra_results(s.model, _inputs(s.splits.test, 32).to(s.device))
     folder = s.store.artifact_dir(s.cell.cell_id) if extras.artifacts else None
     for name, array in extras.artifacts.items():
-        np.save(folder / f"{_slug(name)}.npy", np.asarray(array))
+        np.save(folder / f"{slug(name)}.npy", np.asarray(array))
     return [s.row(r.metric, r.value, r.unit, **{"split": "test", **r.fields}) for r in extras.rows]
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
 # ----- the plan -----------------------------------------------------------------------------------

@@ -9,8 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.results import SCHEMA_VERSION, RunStore, atomic_write_json
-from reports._compare_stats import _detail
+from harness.results import SCHEMA_VERSION, RunStore, atomic_write_json, detail_of
 
 BASELINE_DETAIL_KEYS = ("samples", "count", "exit_counts", "gate", "layer", "expert", "cost_unit", "thresholds",
                         "fitted_on")
@@ -72,7 +71,7 @@ def _load_file(path: Path, what: str) -> Source:
 
 
 def _trim_detail(detail: Any) -> Any:
-    d = _detail(detail)
+    d = detail_of(detail)
     kept = {k: d[k] for k in BASELINE_DETAIL_KEYS if k in d}
     return json.dumps(kept, sort_keys=True) if kept else ""
 

@@ -3,13 +3,14 @@ the Hodges-Lehmann ratio, a z-test on summary statistics, or the ratio alone) an
 test of two exit histograms. See the rules in the docstring of :mod:`reports.compare`."""
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from harness.results import detail_of
 
 MIN_SAMPLES = 3
 MAX_PAIRWISE = 2_000_000
@@ -19,16 +20,6 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
-def _detail(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str) and value.strip():
-        try:
-            data = json.loads(value)
-        except json.JSONDecodeError:
-            return {}
-        return data if isinstance(data, dict) else {}
-    return {}
 
 
 @dataclass(frozen=True)
@@ -117,8 +108,8 @@ def _flag(ratio: float, high: float, p: float, threshold: float, p_value: float)
 def compare_ratio(base_row: Mapping[str, Any], cand_row: Mapping[str, Any], ratio_threshold: float,
                   p_value: float) -> RatioVerdict:
     """Choose the test by what the rows carry (samples, n/std, or neither) and apply it."""
-    bs = _finite(_detail(base_row.get("detail")).get("samples"))
-    cs = _finite(_detail(cand_row.get("detail")).get("samples"))
+    bs = _finite(detail_of(base_row.get("detail")).get("samples"))
+    cs = _finite(detail_of(cand_row.get("detail")).get("samples"))
     if bs is not None and cs is not None:
         return compare_samples(bs, cs, ratio_threshold, p_value)
     stats = [_summary(base_row), _summary(cand_row)]

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harness.catalogue import names
+from harness.results import detail_of
 from reports._compare_result import (
     IMPROVED,
     INFO,
@@ -79,7 +80,6 @@ from reports._compare_stats import (
     MAX_PAIRWISE,
     MIN_SAMPLES,
     RatioVerdict,
-    _detail,
     _num,
     compare_ratio,
     compare_samples,
@@ -129,7 +129,7 @@ def row_key(row: Mapping[str, Any]) -> tuple:
     """The identity of a row across runs (see the module docstring)."""
     metric = str(row.get("metric", ""))
     key = tuple(_norm(f, row.get(f)) for f in KEY_FIELDS)
-    extra = tuple(_detail(row.get("detail")).get(k) for k in DETAIL_KEYS.get(metric, ()))
+    extra = tuple(detail_of(row.get("detail")).get(k) for k in DETAIL_KEYS.get(metric, ()))
     return key + extra
 
 
@@ -142,7 +142,7 @@ def _index(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
 
 def _key_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     key = {f: _norm(f, row.get(f)) for f in KEY_FIELDS}
-    d = _detail(row.get("detail"))
+    d = detail_of(row.get("detail"))
     for k in DETAIL_KEYS.get(str(row.get("metric", "")), ()):
         key[k] = d.get(k)
     if str(row.get("metric")) in DETAIL_KEYS:
@@ -296,7 +296,7 @@ def _histograms(rows: list[dict[str, Any]]) -> dict[tuple, dict[int, tuple[float
         if row.get("metric") not in DRIFT_METRICS or not _num(row.get("value")) or row.get("exit") is None:
             continue
         key = tuple((f, _norm(f, row.get(f))) for f in KEY_FIELDS if f != "exit")
-        count = _detail(row.get("detail")).get("count")
+        count = detail_of(row.get("detail")).get("count")
         if not _num(count):
             count = float(row["value"]) * float(row["n"]) if _num(row.get("n")) else None
         out.setdefault(key, {})[int(row["exit"])] = (float(row["value"]), None if count is None else float(count))

@@ -7,7 +7,6 @@ from it), writes every figure it makes as PNG and SVG into ``folder`` and return
 """
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from harness.results import slug  # noqa: E402
 from reports import tables  # noqa: E402
 
 PNG_DPI = 110
@@ -42,10 +42,6 @@ class Plot:
     png: Path
     svg: Path
     png_bytes: bytes
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
 
 
 def mpl_text(text: Any) -> str:
