@@ -48,7 +48,7 @@ from harness._schema_types import (
 from harness.data import DATASET_NAMES, DatasetConfig
 from harness.metrics.settings import LatencySettings, MemorySettings
 from harness.policies import POLICY_NAMES
-from harness.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from harness.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 METRICS = ("accuracy", "cost", "latency", "memory", "sweep", "patterns")
 TOP_LEVEL = "(top level)"  # the field name in errors about the whole file
@@ -149,6 +149,8 @@ TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (ha
     "milestones": described(tuple[whole(1), ...], "epochs at which the step schedule multiplies the rate by gamma"),
     "gamma": described(number(ge=0), "the step schedule's factor"),
     "max_steps_per_epoch": described(OptionalSize, "at most this many steps per epoch; null: the whole split"),
+    "precision": described(choice(PRECISIONS), "training arithmetic: fp32, or bf16 autocast of the forward pass "
+                                               "and loss (fp32 weights and gradients); measurement is always fp32"),
 })
 
 #: A suite's ``latency:`` section: these fields of LatencySettings (the others are the runner's).

@@ -1,8 +1,9 @@
 """One trainer for every model, driven by the model's declared objective (named loss terms).
 
 The loss minimised is the sum of ``contract.loss_terms(model, x, y)``; each term's epoch mean is
-recorded. SGD or Adam, step or cosine schedule, seeded shuffling, a checkpoint after every epoch
-(resumed when present), a progress bar, and a clear error when the loss stops being finite.
+recorded. SGD or Adam, step or cosine schedule, fp32 or bf16 autocast (``precision``), seeded
+shuffling, a checkpoint after every epoch (resumed when present), a progress bar, and a clear error
+when the loss stops being finite.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs with DistributedDataParallel: each rank
 takes an interleaved shard of every global batch (DistributedSampler), so with a batch of B and
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
+#: Training arithmetic: fp32, or bf16 autocast (weights, optimiser state and gradients stay fp32).
+PRECISIONS = ("fp32", "bf16")
 
 
 class TrainingError(RuntimeError):
@@ -56,12 +59,15 @@ class TrainConfig:
     gamma: float = 0.1
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -163,7 +169,8 @@ def _train_epoch(loop: _Loop, epoch: int, cfg: TrainConfig, device: str, progres
         if step >= loop.steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        terms = loop.objective(x, y)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            terms = loop.objective(x, y)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
