@@ -155,12 +155,27 @@ class FractalStage(nn.Module):
         return self.pool(self.scale(self.block(x)))
 
 
+DOWNSAMPLES = ("adaptive", "conv", "avgpool")
+
+
+class AdaptiveHalving(nn.Module):
+    """Adaptive average pooling to (ceil(h / 2), ceil(w / 2)) of the input's size (never below 1 pixel)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        return F.adaptive_avg_pool2d(x, (max(1, (h + 1) // 2), max(1, (w + 1) // 2)))
+
+
 def _downsample(kind: str, channels: int) -> nn.Module:
+    """``"adaptive"`` (the description: :class:`AdaptiveHalving`, no parameters), ``"conv"`` (3x3
+    stride-2 conv, BN, GELU) or ``"avgpool"`` (2x2 average pooling, ceil mode)."""
+    if kind == "adaptive":
+        return AdaptiveHalving()
     if kind == "conv":
         return nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels), nn.GELU())
     if kind == "avgpool":
         return nn.AvgPool2d(2, ceil_mode=True)
-    raise ValueError(f"downsample must be 'conv' or 'avgpool', got {kind!r}")
+    raise ValueError(f"downsample must be one of {', '.join(map(repr, DOWNSAMPLES))}, got {kind!r}")
 
 
 def attention_heads_for(channels: int, requested: int = 8) -> int:

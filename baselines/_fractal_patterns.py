@@ -1,6 +1,7 @@
 """FractalBrainNet's fractal patterns: the rasters (Mandelbrot and Julia escape time, Sierpinski
-triangle, Cantor dust, dragon curve; [H, W] float64 in [0, 1], deterministic, vectorised), the
-bilinear resize that turns a pattern into a feature-map mask, and the per-model mask cache.
+triangle, Cantor dust, dragon curve; [H, W] float64 in [0, 1], deterministic, vectorised; and
+``uniform``, a constant raster with no structure, the control of the pattern study), the bilinear
+resize that turns a pattern into a feature-map mask, and the per-model mask cache.
 
 Re-exported by :mod:`baselines.fractalbrainnet`, whose docstring gives the choices made (raster
 orientation, exact coverage lattices, the dragon's rasterisation, the cached masks).
@@ -26,6 +27,7 @@ class FractalPatternType(Enum):
     JULIA = "julia"
     CANTOR = "cantor"
     DRAGON_CURVE = "dragon_curve"
+    UNIFORM = "uniform"  # not a fractal: the control (every pixel the same value)
 
     @classmethod
     def parse(cls, value: FractalPatternType | str) -> FractalPatternType:
@@ -180,6 +182,14 @@ class FractalPatternGenerator:
         return np.concatenate([np.zeros((1, 2), dtype=np.int64), np.cumsum(moves, axis=0)])
 
     @staticmethod
+    def uniform_connectivity(size: int, value: float = 0.5) -> np.ndarray:
+        """The control: every pixel ``value`` (default 0.5, where the alpha, beta and gamma bands get
+        the same factor 0.5 and theta sin(pi / 2) = 1), so the bands see no spatial structure."""
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"uniform pattern value must be in [0, 1], got {value}")
+        return np.full((size, size), float(value))
+
+    @staticmethod
     def dragon_curve_connectivity(size: int, folds: int = 10) -> np.ndarray:
         """Dragon curve after ``folds`` folds, scaled into the square (1-pixel margin, aspect kept,
         centred) and rasterised: pixels the curve passes through are 1, others 0."""
@@ -213,6 +223,8 @@ class FractalPatternGenerator:
                 return gen.sierpinski_connectivity(resolution, **options)
             if kind is FractalPatternType.CANTOR:
                 return gen.cantor_connectivity(resolution, **options)
+            if kind is FractalPatternType.UNIFORM:
+                return gen.uniform_connectivity(resolution, **options)
             return gen.dragon_curve_connectivity(resolution, **options)
         except TypeError as exc:
             raise ValueError(f"pattern {kind.value!r} does not take the options {sorted(options)}: {exc}") from None
@@ -236,21 +248,33 @@ def resize_bilinear(pattern: np.ndarray, height: int, width: int) -> np.ndarray:
     return bilinear_matrix(pattern.shape[0], height) @ pattern @ bilinear_matrix(pattern.shape[1], width).T
 
 
+GAMMA_BANDS = ("constant", "mask")  # gamma band factor: 0.5 (the description) or 0.5 x mask
+
+
 class FractalMaskCache:
     """The model's pattern and its resized masks, computed once per (height, width, device, dtype).
 
     ``modulation`` is [1, 4, 1, h, w]: the factors of the alpha, beta, gamma and theta bands
-    (mask, 1 - mask, 0.5 mask, sin(pi mask)). Entries are normal tensors (never inference tensors)
+    (mask, 1 - mask, gamma, sin(pi mask)) with gamma = 0.5 for ``gamma_band="constant"`` (the
+    description) or 0.5 mask for ``"mask"``. Entries are normal tensors (never inference tensors)
     that do not require grad; they are not part of any state dict.
     """
 
-    def __init__(self, pattern: np.ndarray) -> None:
+    def __init__(self, pattern: np.ndarray, gamma_band: str = "constant") -> None:
         pattern = np.asarray(pattern, dtype=np.float64)
         if pattern.ndim != 2 or pattern.min() < 0 or pattern.max() > 1:
             raise ValueError("a fractal pattern must be a 2-D array with values in [0, 1]")
+        if gamma_band not in GAMMA_BANDS:
+            raise ValueError(f"gamma_band must be one of {', '.join(map(repr, GAMMA_BANDS))}, got {gamma_band!r}")
         self.pattern = pattern
+        self._gamma_band = gamma_band
         self._masks: dict[tuple, Tensor] = {}
         self._modulations: dict[tuple, Tensor] = {}
+
+    @property
+    def gamma_band(self) -> str:
+        """The gamma band's factor, fixed at construction (the cached modulations follow from it)."""
+        return self._gamma_band
 
     @staticmethod
     def _key(h: int, w: int, device: torch.device | str, dtype: torch.dtype) -> tuple:
@@ -273,7 +297,8 @@ class FractalMaskCache:
         key = self._key(h, w, device, dtype)
         if key not in self._modulations:
             m = resize_bilinear(self.pattern, h, w)
-            bands = np.stack([m, 1.0 - m, 0.5 * m, np.sin(np.pi * m)])[None, :, None]
+            gamma = 0.5 * m if self._gamma_band == "mask" else np.full_like(m, 0.5)
+            bands = np.stack([m, 1.0 - m, gamma, np.sin(np.pi * m)])[None, :, None]
             self._modulations[key] = self._tensor(bands, device, dtype)
         return self._modulations[key]
 

@@ -8,7 +8,7 @@ Built from the description and original code in ``shared/reference/fractalbrainn
   deterministic, vectorised) at construction: Mandelbrot and Julia escape time, Sierpinski
   triangle, Cantor dust and the dragon curve.
 - :class:`CerebralDynamicsModule`: the pattern resized (bilinear) to the feature map is ``mask``.
-  Four 1x1 "bands" see the input: alpha x mask, beta x (1 - mask), gamma x 0.5 mask,
+  Four 1x1 "bands" see the input: alpha x mask, beta x (1 - mask), gamma x 0.5,
   theta x sin(pi mask); concatenated, fused by a 1x1 integration conv, LayerNorm over channels,
   plus the input.
 - :class:`FractalNeuralBlock` (level L): level 1 is conv3x3-BN-CerebralDynamics-GELU; level L > 1
@@ -17,7 +17,7 @@ Built from the description and original code in ``shared/reference/fractalbrainn
 - :class:`AdaptiveScaleProcessor`: 1x1, 3x3 and 5x5 convs in parallel, 1x1 fusion (BN, GELU),
   plus the input.
 - :class:`FractalBrainNet`: stem (7x7 conv, BN, GELU, scale processor), one stage per entry of
-  ``fractal_levels`` (block, scale processor, downsampling), global multi-head self-attention over
+  ``fractal_levels`` (block, scale processor, adaptive pooling), global multi-head self-attention over
   the final feature map's pixels, then the head: average pool, optional meta-learner, MLP classifier.
 - :class:`FractalBrainNetEE`: the same network as a cascade with a classifier after every stage
   (:class:`harness.early_exit.EarlyExitNetwork`: real early exit, compaction, masking, cost units).
@@ -43,7 +43,12 @@ constructor option unless said otherwise):
 - The four band convs are one conv with 4 x (C // 4) outputs whose chunks are modulated (the
   original's four C -> C // 4 convs, mathematically identical; with the cached masks this cut
   fractalbrainnet_small's CPU time at 32x32 by ~25% at batch 1 and ~15% for a batch-64 training
-  step). The original's gamma band is ``gamma(x) * mask * 0.5``, kept as is.
+  step).
+- Gamma band: the description lists the factors as ``* fractal_mask``, ``* (1 - fractal_mask)``,
+  ``* 0.5`` and ``* torch.sin(fractal_mask * math.pi)``, so ``gamma_band="constant"`` (default)
+  multiplies the gamma band by 0.5. Kept option: ``"mask"``, 0.5 x mask (the original code's
+  ``gamma(x) * mask * 0.5``, this build's default before). The option is a fixed attribute of the
+  model's mask cache, which computes the band factors.
 - Branch weights: the original uses a per-pixel sigmoid; here ``branch_attention="global"``
   (default: global average pool of both branches -> Linear(2C, C/4) -> GELU -> Linear(C/4, 2) ->
   softmax) or ``"pixel"`` (the same MLP as 1x1 convs, softmax per pixel), so alpha + beta = 1.
@@ -51,9 +56,12 @@ constructor option unless said otherwise):
   ``drop_path_prob``; when both would go, one of them (chosen at random) is kept. A lone branch
   passes with weight 1 (FractalNet's join of one input). The original's Dropout2d on every block
   output is not used.
-- Downsampling after every stage but the last: ``downsample="conv"`` (default, the original:
-  3x3 stride-2 conv, BN, GELU) or ``"avgpool"`` (2x2 average pooling, ceil mode). Either halves
-  the size (rounding up) and never goes below 1 pixel.
+- Downsampling after every stage but the last: the description gives every stage "a module of
+  adaptive pooling" ("pooling adaptativo") to reduce the spatial size, without an output size;
+  ``downsample="adaptive"`` (default) is adaptive average pooling to (ceil(h / 2), ceil(w / 2)) of
+  the input's size at forward time (:class:`AdaptiveHalving`, no parameters, 0 MACs). Kept
+  options: ``"conv"`` (3x3 stride-2 conv, BN, GELU; this build's default before) and ``"avgpool"``
+  (2x2 average pooling, ceil mode). Each halves the size (rounding up), never below 1 pixel.
 - Global attention: the original attends over the pooled vector (a single token). Here the tokens
   are the pixels of the final feature map, with a residual connection; heads = the largest of
   ``attention_heads`` (8), 4, 2, 1 that divides the channels. The projections are those of an
@@ -61,10 +69,14 @@ constructor option unless said otherwise):
   its forward, so that MAC counters see every multiply (its fused fast path is one opaque op).
 - Head: AdaptiveAvgPool2d -> meta-learner ``f + 0.1 * MLP(f)`` when
   ``enable_continuous_learning`` -> Dropout(0.2), Linear(C, C/2), GELU, Dropout(0.1), Linear.
-- Presets: medium, large and xlarge are the original's; ``small`` is levels (2, 2, 3) with 16 base
-  channels, 0.55 M parameters and 19 M MACs at 32x32 (the original's (2, 3) x 32 has as many
-  parameters but 59 M MACs), cheap enough to train on 2 CPU cores. large and xlarge are very large
-  (0.25 and 0.87 billion parameters; xlarge takes ~15 s and 4 GB just to build on a CPU).
+- Presets: the description names small, medium, large and xlarge and says they vary the fractal
+  levels, base channels and pattern resolution, but states no numbers (its only number is the
+  constructor's default ``fractal_levels=[2, 3, 4, 5]``, kept). medium (2, 3, 4) x 64 @ 32 px,
+  large (2, 3, 4, 5) x 96 @ 64 px and xlarge (3, 4, 5, 6) x 128 @ 128 px are the original code's;
+  ``small`` (2, 2, 3) x 16 @ 16 px is this project's: 0.54 M parameters and 18.8 M MACs at 32x32
+  (the original's (2, 3) x 32 has about as many parameters but 58 M MACs), cheap enough to train on 2
+  CPU cores. large and xlarge are very large (0.25 and 0.87 billion parameters; xlarge takes ~15 s
+  and 4 GB just to build on a CPU).
 - Early exit: exit k reads the output of stage k through AdaptiveAvgPool2d + Linear; the last
   exit is the main head. Stage 0 includes the stem and the last stage the global attention.
 - Init as in the original: ``trunc_normal_(std=0.02)`` keeps torch's absolute cut at +-2, so it
@@ -90,6 +102,8 @@ from torch import Tensor, nn
 
 from baselines._fractal_blocks import (
     BAND_NAMES,
+    DOWNSAMPLES,
+    AdaptiveHalving,
     AdaptiveScaleProcessor,
     BranchAttention,
     CerebralDynamicsModule,
@@ -104,6 +118,7 @@ from baselines._fractal_blocks import (
     sample_branch_keep,
 )
 from baselines._fractal_patterns import (
+    GAMMA_BANDS,
     MAX_LATTICE,
     FractalMaskCache,
     FractalPatternGenerator,
@@ -116,7 +131,8 @@ from harness.early_exit import EarlyExitNetwork
 from harness.registry import ModelCard, register_model
 
 __all__ = [
-    "BAND_NAMES", "MAX_LATTICE", "MEASURED", "PAPER", "PRESETS", "AdaptiveScaleProcessor", "BranchAttention",
+    "BAND_NAMES", "DOWNSAMPLES", "GAMMA_BANDS", "MAX_LATTICE", "MEASURED", "PAPER", "PRESETS", "AdaptiveHalving",
+    "AdaptiveScaleProcessor", "BranchAttention",
     "CerebralDynamicsModule", "ClassifierHead", "ExitHead", "FractalBrainNet", "FractalBrainNetEE",
     "FractalMaskCache", "FractalNeuralBlock", "FractalPatternGenerator", "FractalPatternType", "FractalStage",
     "GlobalAttention", "MetaLearner", "analyze_fractal_patterns", "attention_heads_for", "bilinear_matrix",
@@ -140,8 +156,8 @@ class FractalBrainNet(nn.Module):
                  base_channels: int = 64, fractal_pattern: FractalPatternType | str = FractalPatternType.MANDELBROT,
                  pattern_resolution: int = 32, pattern_options: Mapping[str, Any] | None = None,
                  drop_path_prob: float = 0.15, enable_continuous_learning: bool = True, stem_stride: int = 2,
-                 downsample: str = "conv", attention_heads: int = 8, branch_attention: str = "global",
-                 dropout: Sequence[float] = (0.2, 0.1)) -> None:
+                 downsample: str = "adaptive", attention_heads: int = 8, branch_attention: str = "global",
+                 dropout: Sequence[float] = (0.2, 0.1), gamma_band: str = "constant") -> None:
         super().__init__()
         levels = [int(level) for level in fractal_levels]
         if not levels or any(level < 1 for level in levels):
@@ -150,18 +166,20 @@ class FractalBrainNet(nn.Module):
             raise ValueError(f"base_channels must be >= 4 (four bands of C // 4 channels), got {base_channels}")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f"downsample must be one of {', '.join(map(repr, DOWNSAMPLES))}, got {downsample!r}")
         self.pattern_type = FractalPatternType.parse(fractal_pattern)
         self.config = dict(num_classes=num_classes, in_chans=in_chans, fractal_levels=tuple(levels),
                            base_channels=base_channels, fractal_pattern=self.pattern_type.value,
                            pattern_resolution=pattern_resolution, pattern_options=dict(pattern_options or {}),
                            drop_path_prob=drop_path_prob, enable_continuous_learning=enable_continuous_learning,
                            stem_stride=stem_stride, downsample=downsample, attention_heads=attention_heads,
-                           branch_attention=branch_attention, dropout=tuple(dropout))
+                           branch_attention=branch_attention, dropout=tuple(dropout), gamma_band=gamma_band)
         self.num_classes = num_classes
         self.fractal_levels = levels
         self.enable_continuous_learning = enable_continuous_learning
         pattern = FractalPatternGenerator.generate(self.pattern_type, pattern_resolution, **dict(pattern_options or {}))
-        self.mask_cache = FractalMaskCache(pattern)
+        self.mask_cache = FractalMaskCache(pattern, gamma_band)
         self.register_buffer("fractal_pattern", torch.from_numpy(pattern).float(), persistent=False)
 
         self.stem = nn.Sequential(nn.Conv2d(in_chans, base_channels, 7, stride=stem_stride, padding=3),
@@ -369,18 +387,19 @@ def create_fractal_brain_net(model_size: str = "medium", num_classes: int = 10,
     return FractalBrainNetEE(**options) if early_exit else FractalBrainNet(**options)
 
 
-# Measured on this code (tests/baselines/test_fractalbrainnet.py re-measures them): parameters with
-# num_classes=10, in_chans=3; MACs at batch 1, eval, 32x32 and 64x64 input (FlopCounterMode / 2).
+# Measured on this code with the default options (downsample="adaptive", gamma_band="constant";
+# tests/baselines/test_fractalbrainnet.py re-measures them): parameters with num_classes=10, in_chans=3;
+# MACs at batch 1, eval, 32x32 and 64x64 input (FlopCounterMode / 2).
 # Early-exit variants: macs_* is the full path (last exit); macs_32_exit_k the forced path to exit k.
 MEASURED: dict[str, dict[str, float]] = {
-    "small": {"params": 554_264, "macs_32": 19_061_816, "macs_64": 76_606_520},
-    "medium": {"params": 15_053_808, "macs_32": 426_488_160, "macs_64": 1_706_553_696},
-    "large": {"params": 252_251_990, "macs_32": 1_808_791_056, "macs_64": 7_218_656_784},
-    "xlarge": {"params": 873_767_514, "macs_32": 5_935_220_032, "macs_64": 23_682_630_976},
-    "small_ee": {"params": 554_764, "macs_32": 19_061_816, "macs_64": 76_606_520,
-                 "macs_32_exit_0": 7_893_288, "macs_32_exit_1": 12_104_824, "macs_32_exit_2": 19_062_296},
-    "medium_ee": {"params": 15_055_748, "macs_32": 426_488_160, "macs_64": 1_706_553_696,
-                  "macs_32_exit_0": 119_065_248, "macs_32_exit_1": 227_881_056, "macs_32_exit_2": 426_490_080},
+    "small": {"params": 542_600, "macs_32": 18_766_904, "macs_64": 75_426_872},
+    "medium": {"params": 14_868_912, "macs_32": 421_769_568, "macs_64": 1_687_679_328},
+    "large": {"params": 250_508_150, "macs_32": 1_792_865_808, "macs_64": 7_154_955_792},
+    "xlarge": {"params": 870_668_250, "macs_32": 5_906_908_480, "macs_64": 23_569_384_768},
+    "small_ee": {"params": 543_100, "macs_32": 18_766_904, "macs_64": 75_426_872,
+                 "macs_32_exit_0": 7_745_832, "macs_32_exit_1": 11_809_912, "macs_32_exit_2": 18_767_384},
+    "medium_ee": {"params": 14_870_852, "macs_32": 421_769_568, "macs_64": 1_687_679_328,
+                  "macs_32_exit_0": 116_705_952, "macs_32_exit_1": 223_162_464, "macs_32_exit_2": 421_771_488},
 }
 
 _SOURCE = ("no published numbers exist; parameters and MACs (FlopCounterMode FLOPs / 2, batch 1, eval) "
