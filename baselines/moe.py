@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from baselines.resnet import CifarResNet
 from harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
+from harness.policies import decision_threshold
 from harness.registry import ModelCard, register_model
 
 ROUTERS = ("noisy_topk", "switch")
@@ -201,14 +202,17 @@ class MoELayer(nn.Module):
         keep = (position < cap).reshape(n, k, t).transpose(1, 2)
         return torch.where(keep, choice, torch.full_like(choice, -1))
 
-    def forward(self, h: Tensor, mode: str = "compact", probe: int | None = None, noisy: bool | None = None
-                ) -> tuple[Tensor, Routing]:
+    def forward(self, h: Tensor, mode: str = "compact", probe: int | None = None, noisy: bool | None = None,
+                min_weight: float = 0.0) -> tuple[Tensor, Routing]:
         """Returns the new feature map and the routing. ``probe``: cost probing; route, run no
-        expert (-1) or expert ``probe`` on one token, and return ``h`` unchanged."""
+        expert (-1) or expert ``probe`` on one token, and return ``h`` unchanged. ``min_weight``:
+        (token, choice) pairs whose routing weight is below it are dropped like capacity drops."""
         n, c, hh, ww = h.shape
         tokens = h.flatten(2).transpose(1, 2)  # [N, T, C]
         z = self.norm(tokens)
         routing = self.route(z, self.training if noisy is None else noisy)
+        if min_weight > 0:
+            routing.assign = torch.where(routing.weights >= min_weight, routing.assign, -1)
         if probe is not None:
             if probe >= 0:
                 self.experts[probe](z.reshape(-1, c)[:1])
@@ -255,7 +259,7 @@ class MoEResNet(DynamicModel):
         self.router_type, self.num_experts, self.k = router, num_experts, k
         self.importance_weight, self.load_weight, self.balance_weight = importance_weight, load_weight, balance_weight
 
-    def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None
+    def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0
              ) -> tuple[Tensor, list[Routing]]:
         b = self.backbone
         h = b.layer2(b.layer1(b.stem(x)))
@@ -265,7 +269,7 @@ class MoEResNet(DynamicModel):
             if j in self.moe_after:
                 layer = len(routings)
                 p = None if probe is None else (probe[1] if probe[0] == layer else -1)
-                h, routing = self.moe[layer](h, mode, p)
+                h, routing = self.moe[layer](h, mode, p, min_weight=min_weight)
                 routings.append(routing)
         return b.head(h), routings
 
@@ -292,8 +296,9 @@ class MoEResNet(DynamicModel):
         return self.forward(x)
 
     def dynamic_forward(self, x: Tensor, policy: Any = None, mode: str = "compact") -> DynamicOutput:
-        """Logits and trace; ``policy`` is unused (the routers decide)."""
-        logits, routings = self._run(x, check_mode(mode))
+        """Logits and trace; the routers decide. ``policy``: None (every chosen expert runs) or a
+        ``decision_threshold`` t: a chosen expert runs on a token only when its weight is >= t."""
+        logits, routings = self._run(x, check_mode(mode), min_weight=decision_threshold(policy, 0.0))
         return DynamicOutput(logits, self._trace(x, routings, mode))
 
     def loss_terms(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -356,7 +361,8 @@ def expert_histogram(trace: Trace, num_experts: int) -> tuple[Tensor, Tensor]:
 def _card(paper: str, notes: str) -> ModelCard:
     return ModelCard(family="moe", paper=paper, dynamic_kind="routed", input_size=32, reference={},
                      reference_source="no published CIFAR numbers for this build (the papers are language models)",
-                     notes=notes)
+                     notes=notes, paper_recipe="none: the papers train language models and give no CIFAR recipe; "
+                     "a suite states its own")
 
 
 @register_model(card=_card(SHAZEER, "ResNet-20 + 2 token-wise MoE FFN layers (4 experts, expansion 4) after the last "

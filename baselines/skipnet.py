@@ -77,7 +77,8 @@ from torch import Tensor, nn
 
 from baselines.resnet import CifarResNet
 from harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
-from harness.registry import ModelCard, register_model
+from harness.policies import decision_threshold
+from harness.registry import ModelCard, recipe_text, register_model
 
 PAPER = "Wang et al., SkipNet: Learning Dynamic Routing in Convolutional Networks, ECCV 2018"
 GATE_TYPES = ("rnn", "ffgate1", "ffgate2")
@@ -229,7 +230,8 @@ class SkipNet(DynamicModel):
 
     # ----- inference --------------------------------------------------------------------------
 
-    def _infer(self, x: Tensor, mode: str = "compact", forced_gates: Any = None) -> DynamicOutput:
+    def _infer(self, x: Tensor, mode: str = "compact", forced_gates: Any = None, threshold: float = 0.5
+               ) -> DynamicOutput:
         n = x.shape[0]
         forced = self._forced(forced_gates, n, x.device)
         h = self.backbone.stem(x)
@@ -241,7 +243,7 @@ class SkipNet(DynamicModel):
                 continue
             logit, state = self.gate(g, h, state)
             p = torch.sigmoid(logit)
-            on = p > 0.5 if forced is None else forced[:, g]
+            on = p > threshold if forced is None else forced[:, g]
             bits.append(on)
             probs.append(p)
             if mode == "mask":
@@ -276,9 +278,10 @@ class SkipNet(DynamicModel):
 
     def dynamic_forward(self, x: Tensor, policy: Any = None, mode: str = "compact", *,
                         forced_gates: Any = None) -> DynamicOutput:
-        """Logits and trace; ``policy`` is unused (the learned gates decide). ``forced_gates``
-        (G bools, or a BoolTensor [N, G]) overrides the decisions; the gates still run."""
-        return self._infer(x, check_mode(mode), forced_gates)
+        """Logits and trace; the learned gates decide. ``policy``: None (a block runs when its gate
+        probability is > 0.5) or a ``decision_threshold`` t (> t instead). ``forced_gates`` (G bools,
+        or a BoolTensor [N, G]) overrides the decisions; the gates still run."""
+        return self._infer(x, check_mode(mode), forced_gates, decision_threshold(policy, 0.5))
 
     # ----- training ---------------------------------------------------------------------------
 
@@ -353,17 +356,45 @@ def skip_rates(trace: Trace) -> Tensor:
     return 1.0 - trace.gates.float().mean(0)
 
 
+#: ucbdrive/skipnet cifar/train_sp.py (stage 1) and cifar/train_rl.py (stage 2) defaults, in epochs of 50k images.
+SKIPNET_RECIPE = {"epochs": 164, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                  "weight_decay": 1e-4, "schedule": "step", "milestones": (82, 123), "gamma": 0.1, "precision": "fp32",
+                  "stage2.epochs": 26, "stage2.batch_size": 128, "stage2.optimizer": "sgd", "stage2.lr": 1e-4,
+                  "stage2.momentum": 0.9, "stage2.nesterov": False, "stage2.weight_decay": 1e-4,
+                  "stage2.schedule": "none", "stage2.precision": "fp32"}
+SKIPNET_RECIPE_NOTE = (
+    "authors' code: stage 1 (SkipNet+SP, train_sp.py) 64k iterations of batch 128, lr 0.1 /10 at 32k and 48k "
+    "(He et al.'s schedule; --warm-up: lr 0.01 for the first 400 iterations, needed for n = 18), plain momentum; "
+    "stage 2 (SkipNet+HRL+SP, train_rl.py) from the stage-1 weights, 10k iterations (~26 epochs) at lr 1e-4 "
+    "(its steps at 40k/60k are never reached), alpha 0.1, rl_weight 0.01 on the batch-summed policy gradient "
+    "(= 1.28 here, where it is a batch mean), discount 1")
+#: Released CIFAR-10 HRL checkpoints (recurrent gates): ucbdrive/skipnet cifar/README.md, "expected results".
+SKIPNET_RELEASED = {38: (92.750, 29.728), 74: (92.770, 47.660), 110: (93.300, 50.474)}
+#: The paper's baseline (ungated) ResNets on CIFAR-100, as quoted in ucbdrive/skipnet issue #8.
+SKIPNET_BASELINE_C100 = {38: 68.54, 74: 70.64, 110: 71.21}
+SKIPNET_SOURCE = (
+    "hrl_*: the authors' released CIFAR-10 SkipNet+HRL+SP checkpoint (recurrent gates), ucbdrive/skipnet "
+    "cifar/README.md 'expected results': test top-1 and FLOPs reduced vs the full ResNet (the alpha it was trained "
+    "with is not stated). baseline_resnet_top1_cifar100: the paper's ungated ResNet on CIFAR-100 as quoted in "
+    "ucbdrive/skipnet issue #8 (not checked against the paper). The paper itself gives CIFAR-10/100 results as "
+    "accuracy-vs-FLOPs curves (Fig. 4) and the headline 'reduces computation by 30 - 90% while preserving the "
+    "accuracy of the original model' (abstract); no SkipNet CIFAR-100 number is confirmed here. The HRL "
+    "numbers are gated operating points (policy 'alpha' rows in this harness), not the all-gates-open last exit, "
+    "so no measured value sits beside them")
+
+
 def _card(depth: int) -> ModelCard:
     n = (depth - 2) // 6
+    top1, reduced = SKIPNET_RELEASED[depth]
     return ModelCard(
         family="skipnet",
         paper=PAPER,
         dynamic_kind="gated",
         input_size=32,
-        reference={},
-        reference_source="SkipNet reports CIFAR results as accuracy-vs-FLOPs curves (Fig. 4) and the headline "
-        "'30-90% less computation at the original accuracy' (abstract); no single table entry per depth is "
-        "copied here. Official hyper-parameters: alpha 0.1, rl_weight 0.01 (batch-summed), RL lr 1e-4.",
+        reference={"hrl_top1_cifar10": top1, "hrl_flops_reduction_pct": reduced,
+                   "baseline_resnet_top1_cifar100": SKIPNET_BASELINE_C100[depth]},
+        reference_source=SKIPNET_SOURCE,
+        paper_recipe=recipe_text(SKIPNET_RECIPE, SKIPNET_RECIPE_NOTE),
         notes=f"ResNet-{depth} (n={n}) with option-A shortcuts; every block but the first gated as in the official "
         f"code ({3 * n - 1} gates; a skipped downsampling block is its option-A shortcut, the official code's is a "
         f"1x1 projection; gating='no_downsampling': {3 * (n - 1)} gates). Recurrent gate by default "

@@ -16,6 +16,10 @@ threshold fitted here picks the same exits in :func:`harness.contract.dynamic_fo
 - :func:`fit_grid`: the most accurate point of a grid within a budget (works for every policy,
   patience included).
 - :func:`evaluate`: accuracy, expected MACs and histogram of a fitted policy on another split.
+- :func:`fit_decision_threshold`: gated and routed models (SkipNet, MoE), whose decisions depend on
+  the path taken, so nothing can be simulated: bisection over the threshold they decide at, each
+  probe a real dynamic pass over the validation split. Budgets there are fractions of the model's
+  own range (from the path where nothing optional runs to the one where everything does).
 
 Units: accuracy in percent (top-1), costs in MACs (mean over samples of the cumulative cost of the
 exit each sample took). Every fit records the split it was fitted on and refuses ``"test"``.
@@ -23,13 +27,13 @@ exit each sample took). Every fit records the split it was fitted on and refuses
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from harness.policies import POLICY_NAMES, ExitPolicy, make_policy, softmax_entropy
+from harness.policies import POLICY_NAMES, DecisionThreshold, ExitPolicy, make_policy, softmax_entropy
 
 FIT_SPLITS = ("validation",)
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validation": "validation"}
@@ -292,3 +296,59 @@ def fit_to_budget(policy_name: str, val_logits: Sequence[Tensor], cost_per_exit:
         else:
             hi = mid
     return result(math.exp(lo), True)
+
+
+# ----- gated and routed models: the decision threshold ------------------------------------------
+
+@dataclass(frozen=True)
+class DecisionFit:
+    """A decision threshold fitted to a compute budget: the validation cost and accuracy it gives,
+    and the end points of the model's range on the same split (``macs_all``: every gated block or
+    chosen expert runs; ``macs_none``: none does)."""
+
+    policy: DecisionThreshold
+    fitted_on: str
+    budget_macs: float
+    expected_macs: float
+    accuracy: float
+    meets_budget: bool
+    macs_all: float
+    macs_none: float
+    evaluations: int
+
+
+Measure = Callable[[float], tuple[float, float]]
+"""threshold -> (mean MACs, top-1 %) of the model's real dynamic path on the fitting split."""
+
+
+def fit_decision_threshold(measure: Measure, budget_fraction: float, *, split: str = "validation",
+                           lo: float = 0.0, hi: float = 1.0, iterations: int = 8,
+                           cache: dict[float, tuple[float, float]] | None = None) -> DecisionFit:
+    """The smallest threshold in [lo, hi] whose cost on ``split`` is within ``macs_none +
+    budget_fraction * (macs_all - macs_none)``, by bisection (cost falls as the threshold rises;
+    ``iterations`` halvings, so the threshold is within (hi - lo) / 2^iterations of the boundary).
+    ``measure`` runs the real path; ``cache`` shares its results between the budgets of one model."""
+    fitted_on = check_fit_split(split)
+    if not 0.0 <= budget_fraction <= 1.0:
+        raise ValueError(f"budget_fraction must be in [0, 1], got {budget_fraction}")
+    seen = {} if cache is None else cache
+
+    def cost(t: float) -> tuple[float, float]:
+        if t not in seen:
+            seen[t] = measure(t)
+        return seen[t]
+
+    macs_all, macs_none = cost(lo)[0], cost(hi)[0]
+    target = macs_none + budget_fraction * (macs_all - macs_none)
+    low, high = lo, hi  # cost(low) > target >= cost(high), unless the end points already fit
+    if macs_all > target:
+        for _ in range(iterations):
+            mid = 0.5 * (low + high)
+            if cost(mid)[0] <= target:
+                high = mid
+            else:
+                low = mid
+    best = lo if macs_all <= target else high
+    macs, acc = cost(best)
+    return DecisionFit(DecisionThreshold((best,)), fitted_on, target, macs, acc, macs <= target, macs_all,
+                       macs_none, len(seen))

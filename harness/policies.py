@@ -13,6 +13,12 @@ takes every remaining sample.
 ``simulate`` runs the very same ``decide`` code on precomputed logits of every exit; calibration
 uses it to sweep thresholds without re-running the network, and tests check that it agrees with
 the real cascade.
+
+Gated and routed models take one other decider, :class:`DecisionThreshold` (``decision_threshold``):
+the threshold their own decisions are taken at (SkipNet: a block runs when its gate probability is
+above it, 0.5 being the learned rule; MoE: a chosen expert runs on a token when its routing weight
+is at least it, 0 being the learned rule). Moving it trades accuracy for compute; the harness fits it
+to budgets on the validation split (:func:`harness.calibration.fit_decision_threshold`).
 """
 from __future__ import annotations
 
@@ -108,13 +114,42 @@ class PatiencePolicy(ExitPolicy):
         return streak >= patience, {"previous": pred, "streak": streak}
 
 
-_POLICIES = {"confidence": ConfidencePolicy, "entropy": EntropyPolicy, "patience": PatiencePolicy}
+@dataclass
+class DecisionThreshold(ExitPolicy):
+    """The threshold a gated or routed model takes its own decisions at (one value; see the module
+    docstring). Not an exit policy: early-exit cascades refuse it."""
+
+    name: str = "decision_threshold"
+
+    @property
+    def value(self) -> float:
+        return self.threshold_at(0)
+
+    def decide(self, k: int, logits: Tensor, state: State) -> tuple[Tensor, State]:
+        raise TypeError("decision_threshold sets the decisions of gated and routed models; "
+                        "early-exit models take confidence, entropy or patience")
+
+
+def decision_threshold(policy: ExitPolicy | None, default: float) -> float:
+    """The threshold a gated/routed model decides at: ``default`` (its learned rule) for None, the
+    value of a :class:`DecisionThreshold`; TypeError for an exit policy (it has no meaning there)."""
+    if policy is None:
+        return default
+    if isinstance(policy, DecisionThreshold):
+        return policy.value
+    raise TypeError(f"gated and routed models take a decision_threshold policy or None, "
+                    f"not {policy.describe()!r}")
+
+
+DECIDER_NAMES = ("decision_threshold",)
+_POLICIES = {"confidence": ConfidencePolicy, "entropy": EntropyPolicy, "patience": PatiencePolicy,
+             "decision_threshold": DecisionThreshold}
 
 
 def make_policy(name: str, thresholds: Sequence[float] | float) -> ExitPolicy:
     """Build a policy by name. Raises ValueError naming the allowed policies."""
     if name not in _POLICIES:
-        raise ValueError(f"unknown exit policy {name!r}; allowed: {', '.join(POLICY_NAMES)}")
+        raise ValueError(f"unknown exit policy {name!r}; allowed: {', '.join(POLICY_NAMES + DECIDER_NAMES)}")
     if isinstance(thresholds, (int, float)):
         thresholds = (float(thresholds),)
     values = tuple(float(t) for t in thresholds)
@@ -122,6 +157,8 @@ def make_policy(name: str, thresholds: Sequence[float] | float) -> ExitPolicy:
         raise ValueError(f"policy {name!r}: thresholds must be numbers, got {values}")
     if name == "patience" and (len(values) != 1 or values[0] < 1 or values[0] != int(values[0])):
         raise ValueError(f"policy 'patience' takes one whole number >= 1, got {values}")
+    if name == "decision_threshold" and len(values) != 1:
+        raise ValueError(f"policy 'decision_threshold' takes one value, got {values}")
     return _POLICIES[name](thresholds=values)
 
 

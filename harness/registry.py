@@ -51,6 +51,10 @@ class ModelCard:
     reference: published numbers, e.g. {"params": 0.85e6, "macs": 125.5e6, "top1_cifar10": 93.03}
     (parameters as a count, MACs per 1 image at ``input_size``, accuracy in percent).
     notes: where this build differs from the paper, and why.
+    paper_recipe: how the paper trained the model behind ``reference`` (:func:`recipe_text`):
+    ``key=value`` pairs named like the suite's ``train:`` fields (plus ``nesterov`` yes/no, Adam's
+    ``betas`` and ``stage2.<field>`` for an attribute-sweep stage) that the report compares with a
+    run's own recipe, then `` | `` and free text; "" when unknown.
     """
 
     family: str
@@ -61,10 +65,26 @@ class ModelCard:
     reference: dict[str, float] = field(default_factory=dict)
     reference_source: str = ""
     notes: str = ""
+    paper_recipe: str = ""
 
     def __post_init__(self) -> None:
         if self.dynamic_kind not in DYNAMIC_KINDS:
             raise ValueError(f"dynamic_kind {self.dynamic_kind!r} is not one of {DYNAMIC_KINDS}")
+
+
+def recipe_text(fields: dict[str, Any], note: str = "") -> str:
+    """A model card's ``paper_recipe``: ``key=value`` for each of ``fields`` (yes/no for booleans,
+    comma-joined sequences, numbers as ``%g``), then `` | `` and ``note``."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, (list, tuple)):
+            return ",".join(value(x) for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    pairs = " ".join(f"{k}={value(v)}" for k, v in fields.items())
+    return f"{pairs} | {note}" if note else pairs
 
 
 @dataclass(frozen=True)

@@ -138,4 +138,5 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
 def _card_dict(name: str) -> dict[str, Any]:
     card = model_card(name)
     return {"family": card.family, "paper": card.paper, "dynamic_kind": card.dynamic_kind,
-            "reference": dict(card.reference), "reference_source": card.reference_source, "notes": card.notes}
+            "reference": dict(card.reference), "reference_source": card.reference_source, "notes": card.notes,
+            "paper_recipe": card.paper_recipe}

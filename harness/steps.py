@@ -26,9 +26,16 @@ from harness import calibration, contract
 from harness._sweep import check_real_path, simulated_logits
 from harness.data import DataSplits, input_shape
 from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy
-from harness.metrics.flops import CostTable, build_cost_table, cost_rows, expected_cost_rows, oracle_rows
+from harness.metrics.flops import (
+    CostTable,
+    build_cost_table,
+    cost_rows,
+    expected_cost_rows,
+    expected_macs,
+    oracle_rows,
+)
 from harness.metrics.settings import StreamPoint
-from harness.policies import ExitPolicy, make_policy
+from harness.policies import DecisionThreshold, ExitPolicy, make_policy
 from harness.registry import ModelSpec
 from harness.results import RunStore, make_row, slug
 from harness.suites import PolicyConfig, Suite, sweep_train_config, train_config_for
@@ -232,10 +239,36 @@ def step_threshold_sweep(s: CellState) -> Rows:
 LEARNED_POINT = {"gated": ("gates", "learned gates"), "routed": ("router", "learned router")}
 
 
+def _decision_points(s: CellState) -> list[OperatingPoint]:
+    """One point per suite budget: the decision threshold fitted on validation (real passes) so
+    that the validation cost is within that fraction of the model's range."""
+    table, bs = s.need("cost_table"), s.suite.eval_batch_size
+    cache: dict[float, tuple[float, float]] = {}
+
+    def measure(t: float) -> tuple[float, float]:
+        logits, trace, labels = run_policy(s.model, s.splits.val, DecisionThreshold((t,)), bs, s.device)
+        return expected_macs(trace, table).mean, topk_accuracy(logits, labels, 1)
+
+    points = []
+    for budget in s.suite.budgets:
+        fit = calibration.fit_decision_threshold(measure, budget, split="validation", cache=cache)
+        detail = {"budget_fraction": budget, "budget_of": "the model's range on validation (nothing optional "
+                  "runs .. every gated block / chosen expert runs)", "budget_macs": fit.budget_macs,
+                  "threshold_value": fit.policy.value, "validation_expected_macs": fit.expected_macs,
+                  "validation_top1": fit.accuracy, "validation_macs_all": fit.macs_all,
+                  "validation_macs_none": fit.macs_none, "meets_budget": fit.meets_budget,
+                  "validation_passes": fit.evaluations}
+        points.append(OperatingPoint(f"decision_threshold@budget{budget:g}", None, fit.policy, fit.fitted_on,
+                                     detail))
+    return points
+
+
 def step_learned_decisions(s: CellState) -> Rows:
-    """Gated and routed models: one operating point, the model's own decisions."""
+    """Gated and routed models: the model's own decisions, and (with suite budgets) the decision
+    threshold fitted to each budget on validation (:func:`_decision_points`)."""
     label, decisions = LEARNED_POINT[s.kind]
-    return _score_points(s, [OperatingPoint(label, None, None, "train", {"decisions": decisions})])
+    learned = OperatingPoint(label, None, None, "train", {"decisions": decisions})
+    return _score_points(s, [learned, *_decision_points(s)])
 
 
 def step_cost(s: CellState) -> Rows:
@@ -303,9 +336,9 @@ def step_save_weights(s: CellState) -> Rows:
 
 
 def stream_points(s: CellState) -> tuple[StreamPoint, ...]:
-    """Operating points timed as a real stream: the budget fits, else the middle grid point of each
-    policy; gated and routed models: their learned decisions."""
-    chosen = [p for p in s.points if p.is_budget_fit]
+    """Operating points timed as a real stream: the budget fits (and the learned decisions of gated
+    and routed models), else the middle grid point of each policy."""
+    chosen = [p for p in s.points if p.is_budget_fit or p.policy in ("gates", "router")]
     if not chosen:
         by_name: dict[str, list[OperatingPoint]] = {}
         for point in s.points:
@@ -376,7 +409,7 @@ STEPS: tuple[Step, ...] = (
     Step("cost_table", step_cost_table, produces=("cost_table",), on_demand=True),
     Step("threshold_sweep", step_threshold_sweep, _m("sweep"), needs=("val_exits", "test_exits", "cost_table"),
          produces=("points",), applies=lambda s: s.kind == "early_exit"),
-    Step("learned_decisions", step_learned_decisions, _m("sweep", "cost"), produces=("points",),
+    Step("learned_decisions", step_learned_decisions, _m("sweep", "cost"), needs=("cost_table",), produces=("points",),
          applies=lambda s: s.kind in LEARNED_POINT),
     Step("cost", step_cost, _m("cost"), needs=("cost_table",), reads=("points",)),
     Step("attribute_sweep", step_attribute_sweep, _m("accuracy", "sweep", "cost"), needs=("cost_table",),

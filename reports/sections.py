@@ -166,7 +166,11 @@ def section_reference(ctx: ReportContext) -> Body | None:
                       "names a measured quantity: params, macs/flops (last exit, per image), macs_<size> only at "
                       "that input size, top1 (last exit; top1_<dataset> only when measured on that dataset). MACs "
                       "measured at another input size than the paper's (see 'measured at') are not expected to "
-                      "match."), *ctx.table(table, "reference")], rows_hint(table, "numbers"))
+                      "match. A model whose card has no published CIFAR accuracy gets one top1 row that says so. "
+                      "'paper recipe' is the card's (key=value pairs, then notes after |); 'measured recipe' is "
+                      "the cell's own, from the suite as written; 'recipes differ' compares them over the paper's "
+                      "keys (unknown when either is missing) and 'recipe differences' lists what differs, "
+                      "measured vs paper."), *ctx.table(table, "reference")], rows_hint(table, "numbers"))
 
 
 def section_per_exit(ctx: ReportContext) -> Body | None:

@@ -18,6 +18,7 @@ from baselines.moe import (
     switch_balancing_loss,
 )
 from harness import contract
+from harness.policies import DecisionThreshold
 from harness.registry import create_model, list_models, model_card
 
 
@@ -280,3 +281,30 @@ def test_registration_and_options():
     with pytest.raises(ValueError, match="moe_layers"):
         MoEResNet(20, moe_layers=4)
     assert math.ceil(1.25 * 64 / 4) == MoELayer(64, 4, 1, "switch", capacity_factor=1.25).capacity(64) == 20
+
+
+@pytest.mark.parametrize("name", ["moe_resnet20_top2", "switch_resnet20"])
+def test_decision_threshold_drops_exactly_the_choices_whose_weight_is_below_it(name):
+    model = build(name, router_init="torch")
+    x = torch.randn(6, 3, 16, 16)
+    table = unit_table(model, x[:1])
+    with torch.no_grad():
+        learned = model.dynamic_forward(x)
+        zero = model.dynamic_forward(x, DecisionThreshold((0.0,)))
+        b = model.backbone
+        h = b.layer3[1](b.layer3[0](b.layer2(b.layer1(b.stem(x)))))  # the input of MoE layer 0
+        z = model.moe[0].norm(h.flatten(2).transpose(1, 2))
+        routing = model.moe[0].route(z, noisy=False)  # layer 0 sees the same features at any threshold
+        t = float(routing.weights.flatten().median())
+        moved = model.dynamic_forward(x, DecisionThreshold((t,)))
+        nothing = model.dynamic_forward(x, DecisionThreshold((1.01,)))
+    assert torch.equal(zero.logits, learned.logits) and torch.equal(zero.trace.experts, learned.trace.experts)
+    expected = torch.where(routing.weights >= t, routing.assign, -1).flatten(1)
+    assert torch.equal(moved.trace.experts[:, 0], expected)
+    assert 0 < (expected == -1).float().mean() < 1  # the threshold splits the choices
+    assert bool((nothing.trace.experts == -1).all())
+    costs = [contract.executed_macs(o.trace, table).mean().item() for o in (learned, moved, nothing)]
+    assert costs[0] > costs[1] > costs[2] == table["base"]
+    with torch.no_grad():  # no expert ran: the MoE layers are the identity (pre-norm residual)
+        plain = b.head(b.layer3(b.layer2(b.layer1(b.stem(x)))))
+    assert torch.allclose(nothing.logits, plain, rtol=1e-5, atol=1e-5)  # same function, another memory layout

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.skipnet import SkipNet, reinforce_loss, skip_rates
 from harness import contract
+from harness.policies import DecisionThreshold, make_policy
 from harness.registry import create_model, list_models, model_card
 
 
@@ -323,3 +324,31 @@ def test_alpha_trades_accuracy_for_skipping():
 
     closed, free = open_rate_after_training(50.0), open_rate_after_training(0.0)
     assert closed < 0.1 and free > 0.3
+
+
+def test_decision_threshold_moves_every_gate_decision_and_its_cost():
+    model = small("ffgate2")
+    x = torch.randn(12, 3, 16, 16)
+    calibrate_gates(model, x)
+    table = unit_table(model, x[:1])
+    with torch.no_grad():
+        learned = model.dynamic_forward(x)
+        at_half = model.dynamic_forward(x, DecisionThreshold((0.5,)))
+        everything = model.dynamic_forward(x, DecisionThreshold((0.0,)))
+        nothing = model.dynamic_forward(x, DecisionThreshold((1.0,)))
+        forced_on = model.dynamic_forward(x, forced_gates=[True] * model.num_gates)
+        forced_off = model.dynamic_forward(x, forced_gates=[False] * model.num_gates)
+    assert torch.equal(at_half.trace.gates, learned.trace.gates) and torch.equal(at_half.logits, learned.logits)
+    assert bool(everything.trace.gates.all()) and not bool(nothing.trace.gates.any())
+    assert torch.allclose(everything.logits, forced_on.logits) and torch.allclose(nothing.logits, forced_off.logits)
+    # gate 0 sees the same features at every threshold: its decision is exactly p > t
+    p0 = learned.trace.extras["gate_probs"][:, 0]
+    t = float(p0.median())
+    with torch.no_grad():
+        moved = model.dynamic_forward(x, DecisionThreshold((t,)))
+    assert torch.equal(moved.trace.gates[:, 0], p0 > t)
+    costs = [contract.executed_macs(o.trace, table).mean().item() for o in (everything, learned, nothing)]
+    assert costs[0] == table["base"] + model.num_gates * table["block_0"] and costs[2] == table["base"]
+    assert costs[0] > costs[1] > costs[2]
+    with pytest.raises(TypeError, match="decision_threshold policy or None, not 'confidence"):
+        model.dynamic_forward(x, make_policy("confidence", 0.9))

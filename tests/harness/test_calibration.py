@@ -147,3 +147,25 @@ def test_simulated_operating_point_equals_the_real_cascade(name, kwargs, policy)
     with torch.no_grad():
         real = model.dynamic_forward(test_x, make_policy(policy, point.thresholds))
     assert tuple(torch.bincount(real.trace.exit_index, minlength=model.num_exits).tolist()) == point.exit_counts
+
+
+def test_fit_decision_threshold_bisects_to_the_budget_on_validation_only():
+    calls = []
+
+    def measure(t):  # cost falls linearly from 100 (t = 0) to 20 (t = 1); accuracy with it
+        calls.append(t)
+        return 100.0 - 80.0 * t, 50.0 + 40.0 * (1 - t)
+
+    cache = {}
+    fit = calibration.fit_decision_threshold(measure, 0.5, cache=cache, iterations=10)
+    assert fit.macs_all == 100.0 and fit.macs_none == 20.0 and fit.budget_macs == 60.0
+    assert 0.5 <= fit.policy.value <= 0.5 + 1 / 1024 and fit.meets_budget and fit.expected_macs <= 60.0
+    assert fit.fitted_on == "validation" and fit.evaluations == len(calls) == 12  # two end points + 10 halvings
+    again = calibration.fit_decision_threshold(measure, 0.5, cache=cache, iterations=10)
+    assert again.policy.value == fit.policy.value and len(calls) == 12  # all from the cache
+    assert calibration.fit_decision_threshold(measure, 1.0).policy.value == 0.0  # everything fits
+    assert calibration.fit_decision_threshold(measure, 0.0, iterations=4).policy.value == 1.0
+    with pytest.raises(ValueError, match="refusing to fit exit thresholds on the test split"):
+        calibration.fit_decision_threshold(measure, 0.5, split="test")
+    with pytest.raises(ValueError, match=r"budget_fraction must be in \[0, 1\]"):
+        calibration.fit_decision_threshold(measure, 1.5)

@@ -133,3 +133,22 @@ def test_attribute_sweep_of_a_missing_attribute_fails_the_cell(tmp_path):
 def test_attribute_sweep_validation(sweep, message):
     with pytest.raises(SuiteError, match=message.replace("[", r"\[")):
         suite([sweep_entry(**sweep)])
+
+
+def test_routed_model_gets_a_validation_fitted_decision_threshold_per_budget(tmp_path):
+    entry = {"name": "moe_resnet20_top2", "kwargs": {"router_init": "torch"}, "train": {"max_steps_per_epoch": 3}}
+    summary = run_suite(suite([entry], metrics=["accuracy", "cost"], budgets=[0.25, 0.5, 0.75]), tmp_path)
+    assert summary.failed == []
+    frame = load_run(tmp_path)
+    acc = frame[frame.metric == "policy_top1"].set_index("policy")
+    assert sorted(acc.index) == ["decision_threshold@budget0.25", "decision_threshold@budget0.5",
+                                 "decision_threshold@budget0.75", "router"]
+    fits = [json.loads(acc.loc[f"decision_threshold@budget{b:g}", "detail"]) for b in (0.25, 0.5, 0.75)]
+    for b, fit in zip((0.25, 0.5, 0.75), fits):
+        assert fit["fitted_on"] == "validation" and fit["budget_fraction"] == b
+        none, everything = fit["validation_macs_none"], fit["validation_macs_all"]
+        assert fit["budget_macs"] == pytest.approx(none + b * (everything - none))
+        assert none <= fit["validation_expected_macs"] <= fit["budget_macs"] < everything
+    assert fits[0]["threshold_value"] >= fits[1]["threshold_value"] >= fits[2]["threshold_value"]
+    cost = frame[frame.metric == "expected_macs"].set_index("policy").value
+    assert len(cost) == 4 and cost["decision_threshold@budget0.25"] < cost["router"]  # test split: scored only
