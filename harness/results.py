@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.catalogue import check_metric
+from harness.stats import accuracy_interval
 
 SCHEMA_VERSION = 1
 
@@ -32,7 +33,7 @@ ROW_FIELDS: tuple[str, ...] = (
     "schema_version", "run_id", "suite", "cell_id",
     "model", "variant", "dataset", "device", "batch_size",
     "exit", "policy", "threshold", "split",
-    "metric", "unit", "value", "n", "std", "p50", "p90", "p99",
+    "metric", "unit", "value", "n", "std", "p50", "p90", "p99", "ci_low", "ci_high",
     "detail", "error",
 )
 
@@ -46,14 +47,18 @@ class ResultsError(ValueError):
 
 def make_row(metric: str, value: float | None, unit: str, **fields: Any) -> dict[str, Any]:
     """One result row. A metric that is not in :mod:`harness.catalogue` (or a unit that is not
-    its unit) raises, and so do unknown field names; ``detail`` may be a dict (stored as JSON)."""
-    check_metric(metric, unit)
+    its unit) raises, and so do unknown field names; ``detail`` may be a dict (stored as JSON).
+    Accuracy rows with a sample count ``n`` get their 95 % Wilson interval (``ci_low``, ``ci_high``,
+    in %; :func:`harness.stats.accuracy_interval`) unless given."""
+    info = check_metric(metric, unit)
     unknown = set(fields) - set(ROW_FIELDS)
     if unknown:
         raise ValueError(f"unknown result field(s) {sorted(unknown)}; allowed: {', '.join(ROW_FIELDS)}")
     row = dict(_DEFAULTS)
     row.update(fields)
     row.update(metric=metric, unit=unit, value=None if value is None else float(value))
+    if info.kind == "accuracy" and row["value"] is not None and row["n"] and row["ci_low"] is None:
+        row["ci_low"], row["ci_high"] = accuracy_interval(row["value"], int(row["n"]))
     if isinstance(row["detail"], (dict, list)):
         row["detail"] = json.dumps(row["detail"], sort_keys=True, default=_json_default)
     return row

@@ -17,7 +17,7 @@ from harness.results import ROW_FIELDS, RunData, open_run
 
 GROUP = ["run", "label", "model", "dataset", "device"]
 STATIC_KINDS = ("static",)
-NUMERIC_FIELDS = ("value", "n", "std", "p50", "p90", "p99", "threshold", "batch_size", "exit")
+NUMERIC_FIELDS = ("value", "n", "std", "p50", "p90", "p99", "ci_low", "ci_high", "threshold", "batch_size", "exit")
 TEXT_FIELDS = ("policy", "variant", "split", "error", "detail", "metric", "unit", "dataset", "device", "model")
 
 

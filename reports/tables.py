@@ -59,8 +59,8 @@ ROW_COLUMNS = [*GROUP, "batch_size", "exit", "policy", "threshold", "split", "me
 # The summary's columns (title -> what it holds), and the few of them the brief summary keeps.
 MEMORY_COLUMNS = {"memory_peak_activations": "peak activations MiB", "memory_weights": "weights MiB",
                   "memory_peak_reserved": "GPU peak reserved MiB"}
-BRIEF_COLUMNS = ("label", "kind", "top1 %", "MACs (last exit)", "chosen point", "its top1 %", "its expected MACs",
-                 "params", "latency p50 ms (b=1)", "peak activations MiB", "status")
+BRIEF_COLUMNS = ("label", "kind", "top1 %", "top1 95% CI", "MACs (last exit)", "chosen point", "its top1 %",
+                 "its expected MACs", "params", "latency p50 ms (b=1)", "peak activations MiB", "status")
 
 
 # ----- summary -------------------------------------------------------------------------------------
@@ -75,6 +75,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     keys = frame[GROUP + ["kind"]].drop_duplicates(GROUP).reset_index(drop=True)
     parts = [
         last_exit_values(frame, "top1", "test").rename(columns={"top1": "top1 %"}),
+        _last_exit_interval(frame),
         last_exit_values(frame, "top5", "test").rename(columns={"top5": "top5 %"}),
         last_exit_values(frame, "macs").rename(columns={"macs": "MACs (last exit)"}),
         chosen_points(frame).rename(columns={"policy": "chosen point", "accuracy": "its top1 %",
@@ -90,6 +91,20 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     table["status"] = np.where(table["failed"].fillna(0) > 0, "failed", "ok")
     table = table.drop(columns=["failed"])
     return drop_empty(table).sort_values(["run", "dataset", "device", "label"]).reset_index(drop=True)
+
+
+def _last_exit_interval(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the 95 % Wilson interval of the last exit's test top-1 as text ("85.9-87.3");
+    empty for rows written before intervals were stored."""
+    rows = metric_rows(frame, "top1")
+    rows = rows[(rows["policy"] == "") & rows["split"].isin(["test", ""])]
+    if rows.empty or "ci_low" not in rows:
+        return pd.DataFrame(columns=[*GROUP, "top1 95% CI"])
+    rows = rows.assign(_exit=rows["exit"].fillna(0))
+    last = rows.loc[rows.groupby(GROUP, dropna=False)["_exit"].idxmax()]
+    text = [f"{lo:.1f}-{hi:.1f}" if pd.notna(lo) and pd.notna(hi) else ""
+            for lo, hi in zip(last["ci_low"], last["ci_high"])]
+    return last[GROUP].assign(**{"top1 95% CI": text}).reset_index(drop=True)
 
 
 def brief_summary(summary: pd.DataFrame) -> pd.DataFrame:

@@ -7,6 +7,7 @@ import pytest
 from conftest import build_run, foreign_row
 
 from harness.results import CellRecord, RunStore, make_row
+from harness.stats import accuracy_interval
 from reports import tables
 
 
@@ -104,9 +105,12 @@ def test_summary_has_one_row_per_model_with_last_exit_numbers(run_dir):
 def test_brief_summary_keeps_only_the_chosen_columns(run_dir):
     summary = frame_of(run_dir).pipe(tables.summary_table)
     brief = tables.brief_summary(summary)
-    assert list(brief.columns) == ["model", "kind", "top1 %", "MACs (last exit)", "chosen point", "its top1 %",
-                                   "its expected MACs", "params", "latency p50 ms (b=1)", "peak activations MiB",
-                                   "status"]
+    assert list(brief.columns) == ["model", "kind", "top1 %", "top1 95% CI", "MACs (last exit)", "chosen point",
+                                   "its top1 %", "its expected MACs", "params", "latency p50 ms (b=1)",
+                                   "peak activations MiB", "status"]
+    top1 = brief.set_index("model").loc["resnet20", "top1 %"]
+    low, high = accuracy_interval(top1, 1000)  # the fixture's rows are on 1,000 test images
+    assert brief.set_index("model").loc["resnet20", "top1 95% CI"] == f"{low:.1f}-{high:.1f}"
     assert brief.set_index("model").loc["branchynet", "latency p50 ms (b=1)"] == \
         summary.set_index("label").loc["branchynet", "latency p50 ms (b=1)"]
     # a second dataset adds the dataset column, nothing else
