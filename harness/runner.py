@@ -2,11 +2,14 @@
 
 The steps of a cell and the typed state they share are in :mod:`harness.steps`. Each cell's rows
 are written atomically as soon as it finishes; running the same run directory again skips
-finished cells (resume). A cell that raises is stored as an error row and the run goes
+finished cells (resume); after an edit of the suite only the cells whose entry changed run again
+(:func:`cell_digests`). A cell that raises is stored as an error row and the run goes
 on. Ctrl-C stops the run after the finished cells are safely on disk.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import traceback
@@ -23,7 +26,7 @@ from harness.environment import collect_environment
 from harness.registry import ModelSpec, model_card
 from harness.results import CellRecord, RunStore, make_row, slug
 from harness.steps import CellState, plan_steps
-from harness.suites import ModelEntry, Suite, SuiteError
+from harness.suites import ModelEntry, Suite, SuiteError, parse_suite
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,56 @@ def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
     return [Cell(m, d, dev) for d in suite.datasets for m in suite.models for dev in devs]
 
 
-def _check_run_dir(store: RunStore, suite: Suite) -> None:
-    """Refuse to mix results of two different suites in one run directory."""
+# Suite keys that do not change any cell's numbers (they only name, describe or choose cells).
+_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices")
+
+
+def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, str]:
+    """cell id -> digest of everything in the suite file that decides that cell's numbers: its model
+    entry, its dataset entry and every shared section (train, evaluate, metrics, policies, seed...).
+    Editing one model's entry changes only that model's cells."""
+    raw = suite.raw
+    shared = {k: v for k, v in raw.items() if k not in _NOT_IN_CELL_DIGEST}
+    raw_models, raw_datasets = list(raw.get("models") or []), list(raw.get("datasets") or [])
+    out = {}
+    for d, ds in enumerate(suite.datasets):
+        for m, model in enumerate(suite.models):
+            identity = {"shared": shared, "model": raw_models[m] if m < len(raw_models) else None,
+                        "dataset": raw_datasets[d] if d < len(raw_datasets) else None}
+            digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for dev in devices or suite.devices:
+                out[Cell(model, ds, dev).cell_id] = digest
+    return out
+
+
+def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -> None:
+    """Refuse to mix two suites in one run directory; for a new version of the same suite, keep the
+    finished cells whose identity (:func:`cell_digests`) is unchanged and move the others (cell file
+    and artifacts, checkpoints included) to ``stale/<old digest>/`` so that they run again."""
     old = store.read_meta("suite.json")
-    if old and old.get("digest") != suite.digest:
-        raise SuiteError(
-            f"run directory {store.run_dir} holds results of suite {old.get('name')!r} with different content "
-            f"(digest {old.get('digest')} vs {suite.digest}); give another --out to keep both")
+    if not old or old.get("digest") == suite.digest:
+        return
+    refusal = (f"run directory {store.run_dir} holds results of suite {old.get('name')!r} with different content "
+               f"(digest {old.get('digest')} vs {suite.digest}); give another --out to keep both")
+    if old.get("name") != suite.name or not isinstance(old.get("content"), dict):
+        raise SuiteError(refusal)
+    try:
+        before = cell_digests(parse_suite(old["content"], str(old.get("path", "suite.json"))))
+    except SuiteError:
+        raise SuiteError(refusal) from None
+    now = cell_digests(suite)
+    for path in sorted(store.cells_dir.glob("*.json")) if store.cells_dir.is_dir() else ():
+        cell_id = path.stem
+        if cell_id in now and before.get(cell_id) == now[cell_id]:
+            continue
+        stale = store.run_dir / "stale" / str(old.get("digest"))
+        stale.mkdir(parents=True, exist_ok=True)
+        path.replace(stale / path.name)
+        artifacts = store.run_dir / "artifacts" / cell_id
+        if artifacts.is_dir():
+            (stale / "artifacts").mkdir(exist_ok=True)
+            artifacts.replace(stale / "artifacts" / cell_id)
+        echo(f"{cell_id}: its suite entry changed; the old result is in {stale}, the cell runs again")
 
 
 def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, progress: bool = False,
@@ -69,7 +115,7 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     for dev in devices or suite.devices:
         check_device(dev)
     store = RunStore(out_dir)
-    _check_run_dir(store, suite)
+    _check_run_dir(store, suite, echo)
     out_dir.mkdir(parents=True, exist_ok=True)
     store.write_meta("suite.json", {"name": suite.name, "path": suite.path, "digest": suite.digest,
                                     "content": suite.raw})

@@ -68,8 +68,29 @@ def test_interrupt_keeps_finished_cells_and_rerun_resumes(tmp_path, broken_model
 
 def test_run_directory_of_another_suite_is_refused(tmp_path):
     run_suite(suite(["noop"]), tmp_path)
+    other = parse_suite({**suite(["noop"]).raw, "name": "other"}, "o.yaml")
     with pytest.raises(SuiteError, match="holds results of suite 't' with different content"):
-        run_suite(suite(["noop"], seed=5), tmp_path)
+        run_suite(other, tmp_path)
+
+
+def test_an_edited_suite_reruns_only_the_cells_whose_entry_changed(tmp_path):
+    first = run_suite(suite(["noop", {"name": "linear", "train": {"epochs": 1}}]), tmp_path)
+    assert first.finished == ["noop__digits8__cpu", "linear__digits8__cpu"]
+    kept = (tmp_path / "cells" / "noop__digits8__cpu.json").read_text()
+    old_digest = json.loads((tmp_path / "suite.json").read_text())["digest"]
+    messages = []
+    edited = suite(["noop", {"name": "linear", "train": {"epochs": 2}}])
+    second = run_suite(edited, tmp_path, echo=messages.append)
+    assert second.skipped == ["noop__digits8__cpu"] and second.finished == ["linear__digits8__cpu"]
+    assert (tmp_path / "cells" / "noop__digits8__cpu.json").read_text() == kept
+    stale = tmp_path / "stale" / old_digest
+    assert (stale / "linear__digits8__cpu.json").exists()  # the old result is kept, not lost
+    assert (stale / "artifacts" / "linear__digits8__cpu" / "model.pt").exists()  # and its checkpoint moved
+    assert any("linear__digits8__cpu: its suite entry changed" in m for m in messages)
+    epochs = load_run(tmp_path).query("metric == 'train_seconds'").detail.map(json.loads).map(lambda d: d["epochs"])
+    assert list(epochs) == [2]  # trained afresh for 2 epochs, not resumed from the 1-epoch checkpoint
+    third = run_suite(suite(["noop", {"name": "linear", "train": {"epochs": 2}}], seed=5), tmp_path)
+    assert third.finished == ["noop__digits8__cpu", "linear__digits8__cpu"]  # a shared setting: every cell
 
 
 def test_environment_and_schema_recorded(tmp_path):
