@@ -151,6 +151,8 @@ TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (ha
     "max_steps_per_epoch": described(OptionalSize, "at most this many steps per epoch; null: the whole split"),
     "precision": described(choice(PRECISIONS), "training arithmetic: fp32, or bf16 autocast of the forward pass "
                                                "and loss (fp32 weights and gradients); measurement is always fp32"),
+    "compile": described(Flag, "torch.compile the training step (inductor; the first steps take a minute to "
+                               "compile; measurement always runs the plain model)"),
 })
 
 #: A suite's ``latency:`` section: these fields of LatencySettings (the others are the runner's).

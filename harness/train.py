@@ -1,7 +1,8 @@
 """One trainer for every model, driven by the model's declared objective (named loss terms).
 
 The loss minimised is the sum of ``contract.loss_terms(model, x, y)``; each term's epoch mean is
-recorded. SGD or Adam, step or cosine schedule, fp32 or bf16 autocast (``precision``), seeded
+recorded. SGD or Adam, step or cosine schedule, fp32 or bf16 autocast (``precision``), an optional
+``torch.compile`` of the training step (``compile``; inductor needs a C++ compiler), seeded
 shuffling, a checkpoint after every epoch (resumed when present), a progress bar, and a clear error
 when the loss stops being finite.
 
@@ -60,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -133,6 +135,8 @@ def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig) -> _Loop:
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, find_unused_parameters=ddp_find_unused_parameters(model))
+    if cfg.compile:  # the training step only; the model (and its checkpoint) stays the plain module
+        objective = torch.compile(objective)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,  # type: ignore[arg-type]
                                  seed=cfg.seed, drop_last=True)
     workers = loader_workers(train_set)

@@ -73,6 +73,17 @@ def test_bf16_autocast_trains_in_bf16_and_keeps_fp32_weights(digits8):
         TrainConfig(precision="fp16")
 
 
+@pytest.mark.slow  # inductor compiles the step for about a minute
+def test_compiled_training_step_gives_the_eager_weights(digits8):
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=4, max_steps_per_epoch=3)
+    eager = trained(digits8, cfg)
+    compiled = trained(digits8, TrainConfig(**{**cfg.__dict__, "compile": True}))
+    assert type(compiled).__name__ == type(eager).__name__  # the plain module, not the compiled wrapper
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no "_orig_mod." prefix in checkpoints
+    for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), rtol=1e-3, atol=1e-4), name
+
+
 def test_nan_loss_fails_with_a_clear_error(digits8):
     # the first step's loss is finite; its NaN learning rate makes every weight NaN for step 2
     with pytest.raises(TrainingError, match=r"loss is not finite at epoch 1, step 2 \(cross_entropy=nan\)"):
