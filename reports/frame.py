@@ -95,20 +95,21 @@ def batch_one(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["batch_size"].isna() | (rows["batch_size"] == 1)]
 
 
-def last_exit_values(frame: pd.DataFrame, metric: str, split: str | None = None) -> pd.DataFrame:
+def last_exit_values(frame: pd.DataFrame, metric: str, split: str | None = None,
+                     extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Per (run, label, dataset, device): the value of ``metric`` at the model's last exit
-    (forced path, no policy; batch size 1 where rows carry one)."""
+    (forced path, no policy; batch size 1 where rows carry one), and the row fields ``extra``."""
     sub = metric_rows(frame, metric)
     sub = sub[sub["policy"] == ""]
     if split is not None:
         sub = sub[sub["split"].isin([split, ""])]
     if sub.empty:
-        return pd.DataFrame(columns=[*GROUP, metric])
+        return pd.DataFrame(columns=[*GROUP, metric, *extra])
     sub = sub.assign(_exit=sub["exit"].fillna(0))
     if sub["batch_size"].notna().any():
         sub = batch_one(sub)
     idx = sub.groupby(GROUP, dropna=False)["_exit"].idxmax()
-    return sub.loc[idx, GROUP + ["value"]].rename(columns={"value": metric}).reset_index(drop=True)
+    return sub.loc[idx, GROUP + ["value", *extra]].rename(columns={"value": metric}).reset_index(drop=True)
 
 
 def first_value(frame: pd.DataFrame, metric: str, how: str = "first") -> pd.DataFrame:

@@ -96,15 +96,10 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
 def _last_exit_interval(frame: pd.DataFrame) -> pd.DataFrame:
     """Per model: the 95 % Wilson interval of the last exit's test top-1 as text ("85.9-87.3");
     empty for rows written before intervals were stored."""
-    rows = metric_rows(frame, "top1")
-    rows = rows[(rows["policy"] == "") & rows["split"].isin(["test", ""])]
-    if rows.empty or "ci_low" not in rows:
-        return pd.DataFrame(columns=[*GROUP, "top1 95% CI"])
-    rows = rows.assign(_exit=rows["exit"].fillna(0))
-    last = rows.loc[rows.groupby(GROUP, dropna=False)["_exit"].idxmax()]
+    last = last_exit_values(frame, "top1", "test", extra=("ci_low", "ci_high"))
     text = [f"{lo:.1f}-{hi:.1f}" if pd.notna(lo) and pd.notna(hi) else ""
             for lo, hi in zip(last["ci_low"], last["ci_high"])]
-    return last[GROUP].assign(**{"top1 95% CI": text}).reset_index(drop=True)
+    return last[GROUP].assign(**{"top1 95% CI": text})
 
 
 def brief_summary(summary: pd.DataFrame) -> pd.DataFrame:
