@@ -11,13 +11,18 @@ from harness._images import loader_workers
 from harness.contract import Trace, dynamic_forward, forward_exits
 
 
-def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
-    """Percent of samples whose label is among the ``k`` largest logits."""
-    if len(labels) == 0:
-        raise ValueError("accuracy of an empty set is undefined")
+def topk_correct(logits: Tensor, labels: Tensor, k: int = 1) -> Tensor:
+    """Per sample (bool [N]): whether its label is among the ``k`` largest logits."""
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
-    return 100.0 * (top == labels[:, None]).any(dim=-1).float().mean().item()
+    return (top == labels[:, None]).any(dim=-1)
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
+    """Percent of samples whose label is among the ``k`` largest logits (the mean of :func:`topk_correct`)."""
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return 100.0 * int(topk_correct(logits, labels, k).sum()) / len(labels)
 
 
 def _loader(ds: Dataset, batch_size: int) -> DataLoader:

@@ -6,6 +6,7 @@ A run directory holds::
     suite.json              the suite as resolved (identity + content hash)
     cells/<cell_id>.json    one file per finished cell: status, error, rows, artifacts
     artifacts/<cell_id>/    files a cell stored (pattern images, checkpoints)
+    outcomes/<cell_id>.npz  per-sample right/wrong bits and exits of every accuracy row (harness.outcomes)
     results.csv, results.json   every row of every finished cell (rewritten after each cell)
 
 Each row is a dict with the fields in ``ROW_FIELDS``. ``metric`` + ``unit`` say what ``value`` is
@@ -273,9 +274,10 @@ EXPORTED_FILES = ("results.csv", "results.json", "environment.json", "suite.json
 
 def export_run(run_dir: Path | str, dest: Path | str, command: str) -> list[Path]:
     """Copy what a committed reference run keeps (the way timm keeps its results tables): the cell
-    files, results.csv/json, environment.json, suite.json, the HTML report and its report/ folder
-    of plots and tables, plus COMMAND (the exact command that made the run). Checkpoints and other
-    artifacts stay behind. ``dest`` is replaced file by file; returns the files written."""
+    files, results.csv/json, environment.json, suite.json, the per-sample outcomes (outcomes/), the
+    HTML report and its report/ folder of plots and tables, plus COMMAND (the exact command that made
+    the run). Checkpoints and other artifacts stay behind. ``dest`` is replaced file by file; returns
+    the files written."""
     import shutil
 
     src, out = check_run_dir(run_dir), Path(dest)
@@ -286,7 +288,7 @@ def export_run(run_dir: Path | str, dest: Path | str, command: str) -> list[Path
         if (src / name).is_file():
             out.mkdir(parents=True, exist_ok=True)
             written.append(Path(shutil.copy2(src / name, out / name)))
-    for folder in ("cells", "report"):
+    for folder in ("cells", "outcomes", "report"):
         if (src / folder).is_dir():
             shutil.copytree(src / folder, out / folder, dirs_exist_ok=True)
             written.extend(sorted(p for p in (out / folder).rglob("*") if p.is_file()))

@@ -23,6 +23,7 @@ import torch
 from harness.data import DatasetConfig, DataSplits, load_dataset
 from harness.devices import check_device
 from harness.environment import collect_environment
+from harness.outcomes import OUTCOMES_DIR, outcomes_path
 from harness.registry import ModelSpec, model_card
 from harness.results import CellRecord, RunStore, make_row, slug
 from harness.steps import CellState, plan_steps
@@ -102,10 +103,10 @@ def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -
         stale = store.run_dir / "stale" / str(old.get("digest"))
         stale.mkdir(parents=True, exist_ok=True)
         path.replace(stale / path.name)
-        artifacts = store.run_dir / "artifacts" / cell_id
-        if artifacts.is_dir():
-            (stale / "artifacts").mkdir(exist_ok=True)
-            artifacts.replace(stale / "artifacts" / cell_id)
+        for kept in (store.run_dir / "artifacts" / cell_id, outcomes_path(store.run_dir, cell_id)):
+            if kept.exists():
+                (stale / kept.parent.name).mkdir(exist_ok=True)
+                kept.replace(stale / kept.parent.name / kept.name)
         echo(f"{cell_id}: its suite entry changed; the old result is in {stale}, the cell runs again")
 
 
@@ -168,6 +169,9 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
         rows: list[dict[str, Any]] = []
         for step in plan_steps(state, frozenset(suite.metrics)):
             rows.extend(step.run(state))
+        if state.outcomes is not None:  # before the cell file: a finished cell always has its outcomes
+            state.outcomes.save(outcomes_path(store.run_dir, cell.cell_id))
+            meta["outcomes"] = f"{OUTCOMES_DIR}/{cell.cell_id}.npz"
         meta["spec"] = spec.to_dict()
         meta["data"] = splits.info
         meta["card"] = _card_dict(cell.model.name)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from harness import calibration, contract
 from harness._sweep import check_real_path, simulated_logits
 from harness.data import DataSplits, input_shape
-from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy
+from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy, topk_correct
 from harness.metrics.flops import (
     CostTable,
     build_cost_table,
@@ -35,6 +35,7 @@ from harness.metrics.flops import (
     oracle_rows,
 )
 from harness.metrics.settings import StreamPoint
+from harness.outcomes import CellOutcomes
 from harness.policies import DecisionThreshold, ExitPolicy, make_policy
 from harness.registry import ModelSpec
 from harness.results import RunStore, make_row, slug
@@ -94,6 +95,17 @@ class CellState:
     val_exits: ExitLogits | None = None
     cost_table: CostTable | None = None
     points: list[OperatingPoint] = field(default_factory=list)
+    outcomes: CellOutcomes | None = None  # the test split's per-sample outcomes of every accuracy row
+
+    def keep(self, metric: str, logits: Tensor, labels: Tensor, k: int = 1, exit_index: Tensor | None = None,
+             **key: Any) -> float:
+        """The top-k accuracy (%) of ``logits`` on the test ``labels``; its per-sample bits (and exits)
+        are kept in :attr:`outcomes` under the row's metric, policy, threshold and exit."""
+        correct = topk_correct(logits, labels, k)
+        if self.outcomes is None:
+            self.outcomes = CellOutcomes(labels.cpu().numpy())
+        self.outcomes.add(metric, correct, exit_index=exit_index, **key)
+        return 100.0 * int(correct.sum()) / len(labels)
 
     def row(self, metric: str, value: float | None, unit: str, **extra: Any) -> dict[str, Any]:
         return make_row(metric, value, unit, **{**self.fields, **extra})
@@ -153,9 +165,13 @@ def step_accuracy(s: CellState) -> Rows:
     s.val_exits = ExitLogits(*collect_exit_logits(s.model, s.splits.val, bs, s.device))
     labels = s.test_exits.labels
     rows = accuracy_rows(s.test_exits.logits, labels, s.splits.num_classes, "test", **s.fields)
+    for k, logits in enumerate(s.test_exits.logits):
+        s.keep("top1", logits, labels, exit=k)
+        if s.splits.num_classes > 5:
+            s.keep("top5", logits, labels, 5, exit=k)
     if not contract.full_network_is_exit(s.model):  # e.g. FractalNet: all columns joined
         full, labels = forward_logits(s.model, s.splits.test, bs, s.device)
-        rows.append(s.row("top1_full", topk_accuracy(full, labels, 1), "%", split="test", n=len(labels),
+        rows.append(s.row("top1_full", s.keep("top1_full", full, labels), "%", split="test", n=len(labels),
                           detail={"path": "forward(): the full network, which is not one of the exits"}))
     return rows
 
@@ -172,7 +188,8 @@ def _score_points(s: CellState, points: list[OperatingPoint]) -> Rows:
     for point in points:
         logits, point.trace, labels = run_policy(s.model, s.splits.test, point.decider, s.suite.eval_batch_size,
                                                  s.device)
-        rows.append(s.row("policy_top1", topk_accuracy(logits, labels, 1), "%", **point.key, split="test",
+        top1 = s.keep("policy_top1", logits, labels, exit_index=point.trace.exit_index, **point.key)
+        rows.append(s.row("policy_top1", top1, "%", **point.key, split="test",
                           n=len(labels), detail={"fitted_on": point.fitted_on, **point.detail}))
     s.points.extend(points)
     return rows
@@ -212,7 +229,8 @@ def _simulated_sweep(s: CellState, points: list[OperatingPoint]) -> Rows:
     for point in points:
         exit_index, logits = simulated_logits(point.decider, test.logits)
         point.trace = s.model.trace_for_exits(exit_index)
-        rows.append(s.row("policy_top1", topk_accuracy(logits, test.labels, 1), "%", **point.key, split="test",
+        top1 = s.keep("policy_top1", logits, test.labels, exit_index=exit_index, **point.key)
+        rows.append(s.row("policy_top1", top1, "%", **point.key, split="test",
                           n=len(test.labels), detail={"fitted_on": point.fitted_on, **point.detail, "computed": how}))
     s.points.extend(points)
     check = check_real_path(s.model, s.splits.test, [p.decider for p in points], test.logits,
@@ -317,8 +335,8 @@ def step_attribute_sweep(s: CellState) -> Rows:
             detail["epochs"] = cfg.epochs
             rows.extend(_train_rows(s, result, cfg.epochs, **point))
         logits, trace, labels = run_policy(model, s.splits.test, None, s.suite.eval_batch_size, s.device)
-        rows.append(s.row("policy_top1", topk_accuracy(logits, labels, 1), "%", split="test", n=len(labels),
-                          **point, detail=detail))
+        top1 = s.keep("policy_top1", logits, labels, exit_index=trace.exit_index, **point)
+        rows.append(s.row("policy_top1", top1, "%", split="test", n=len(labels), **point, detail=detail))
         rows.extend(expected_cost_rows(trace, table, sweep.attribute, **{**s.fields, **point, "split": "test"}))
     return rows
 
