@@ -196,6 +196,8 @@ class FractalNet(DynamicModel):
     ddp_find_unused_parameters = True
     # forward() (all columns joined) is not one of the exits: the runner reports it as `top1_full`
     full_network_is_exit = False
+    # MACs by role (harness.contract.cost_roles): the shared classifier is every exit's head
+    cost_roles = {"heads": ("head",)}
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, columns: int = 3,
                  widths: Sequence[int] = CIFAR_WIDTHS, dropout: Sequence[float] | None = None,

@@ -41,7 +41,9 @@ Trace. ``experts``: LongTensor [N, L, T*k], expert of layer l for (token t, choi
 expert in mask mode). Cost units: ``base`` = a forward in which every layer routes but no expert
 runs (stem, backbone, norms, routers, head: the router belongs to base; the noise projection is
 not run at inference); ``layer{l}_expert{e}`` = base plus expert e of layer l on one token, so
-its MACs are per token: 2 r C^2.
+its MACs are per token: 2 r C^2. Cost roles: the router (and noise) projections of every MoE
+layer are routers, the classifier (``backbone.head``) is the exit head, the rest (experts
+included) is backbone.
 """
 from __future__ import annotations
 
@@ -257,6 +259,9 @@ class MoEResNet(DynamicModel):
         for layer in self.moe:
             layer.init_router(self.router_init)
         self.router_type, self.num_experts, self.k = router, num_experts, k
+        # MACs by role (harness.contract.cost_roles); the switch router has no noise projection
+        self.cost_roles = {"heads": ("backbone.head",),
+                           "routers": ("moe.*.router",) + (("moe.*.noise",) if router == "noisy_topk" else ())}
         self.importance_weight, self.load_weight, self.balance_weight = importance_weight, load_weight, balance_weight
 
     def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0

@@ -43,6 +43,8 @@ gates) and is independent of the sample; the gated cost and accuracy are the dyn
 Cost units: ``base`` = stem, ungated blocks, all gates and the head (a forward with every gate
 forced closed), counted once per sample; ``block_i`` = gated block i (gate index, 0..G-1, in network
 order; ``model.gated_block_names`` maps it to ``layerS.B``), counted when sample n's gate i is open.
+Cost roles: the gate modules (``gate``: projections, LSTM cell, output layer, or the feed-forward
+gates) are gates, the classifier (``backbone.head``) is the exit head, the rest is backbone.
 
 Initialisation: the backbone's (Kaiming normal, as in the official code), except that with
 ``zero_init_residual=True`` (default) the last BN scale of every gated block starts at 0 (Goyal et
@@ -160,6 +162,8 @@ class SkipNet(DynamicModel):
 
     dynamic_kind = "gated"
     num_exits = 1
+    # MACs by role (harness.contract.cost_roles): the classifier is the exit head, the gates are gates
+    cost_roles = {"heads": ("backbone.head",), "gates": ("gate",)}
 
     def __init__(self, depth: int = 38, num_classes: int = 10, in_chans: int = 3, *, gate_type: str = "rnn",
                  alpha: float = 0.1, rl_weight: float = 1.0, training_stage: str = "supervised",

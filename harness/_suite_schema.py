@@ -300,6 +300,8 @@ class Suite(Section):
     name: described(Text, "the suite's name (results are stored under it)")
     description: described(str, "one line on what the suite is for") = ""
     seed: described(whole(0), "random seed of model initialisation and training") = 0
+    seeds: described(tuple[whole(0), ...], "several seeds: every model runs once per seed, each a cell "
+                                           "(instead of `seed`); distinct") = ()
     devices: described(non_empty(Device, "device"), "devices to run every cell on") = ("cpu",)
     datasets: described(non_empty(Dataset, "dataset"), "datasets; every model runs on each")
     models: described(non_empty(ModelEntry, "model"), "models to train and measure")
@@ -326,10 +328,32 @@ class Suite(Section):
                        repeated=", ".join(repeated))
         return models
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(seeds)) < len(seeds):
+            raise fail("seeds must be distinct, got {seeds}", seeds=list(seeds))
+        return seeds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_or_seeds(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "seed" in data and data.get("seeds"):
+            error = fail("give either `seed` or `seeds`, not both")
+            raise ValidationError.from_exception_data(cls.__name__, [{"type": error, "loc": ("seeds",),
+                                                                      "input": data["seeds"]}])
+        return data
+
     @field_validator("train")
     @classmethod
     def _suite_seed(cls, train: TrainConfig | None, info: ValidationInfo) -> TrainConfig | None:
-        return None if train is None else replace(train, seed=info.data.get("seed", 0))
+        seeds = info.data.get("seeds") or (info.data.get("seed", 0),)
+        return None if train is None else replace(train, seed=seeds[0])
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The seeds every model runs with: ``seeds``, else ``(seed,)``."""
+        return self.seeds or (self.seed,)
 
     @property
     def path(self) -> str:

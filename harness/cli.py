@@ -110,6 +110,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="override the suite's devices: cpu, cuda, cuda:N")
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="read every on-disk dataset of the suite from DIR instead of its `root`")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure the finished cells again from their checkpoints (no retraining); their old "
+                        "records go to DIR/stale/remeasure-<time>/")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="hide training progress bars")
 
@@ -235,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = suite.with_data_root(str(args.data_root))
     out = args.out or Path("runs") / suite.name
     summary = run_suite(suite, out, devices=args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                        echo=lambda s: print(s, flush=True))
+                        echo=lambda s: print(s, flush=True), remeasure=args.remeasure)
     print(f"\n{len(summary.finished)} cell(s) finished, {len(summary.skipped)} skipped (already done), "
           f"{len(summary.failed)} failed in {summary.seconds:.1f} s; results in {out}")
     if summary.interrupted:

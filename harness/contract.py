@@ -239,6 +239,9 @@ OPTIONAL_HOOKS: dict[str, str] = {
     "on_train_end": "method (train_set, batch_size, device) -> None, after the last epoch and before the final "
                     "checkpoint (FractalNet's batch-norm statistics per inference path)",
     "ddp_find_unused_parameters": "bool for DistributedDataParallel; default True for gated and routed models",
+    "cost_roles": "mapping role (one of COST_ROLES) -> submodule name patterns (fnmatch, relative to the model, "
+                  "e.g. 'heads', 'moe.*.router'): the modules whose MACs are that role's; default: nothing "
+                  "declared, every MAC is backbone",
 }
 """Every optional hook a model may define: name -> what it is and its default."""
 
@@ -263,6 +266,22 @@ class ModelExtras:
 
     rows: list[ExtraRow] = field(default_factory=list)
     artifacts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+COST_ROLES = ("heads", "gates", "routers")
+"""Roles a model may declare for its submodules (:func:`cost_roles`): exit heads (the classifiers
+that produce exit logits), gates (which decide whether a block runs) and routers (which choose
+experts). Every MAC outside a declared module is ``backbone``."""
+
+
+def cost_roles(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The model's ``cost_roles`` (role -> submodule name patterns), checked; {} when it declares none."""
+    declared = getattr(model, "cost_roles", None) or {}
+    unknown = sorted(set(declared) - set(COST_ROLES))
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.cost_roles: unknown role(s) {unknown}; "
+                         f"roles: {', '.join(COST_ROLES)}")
+    return {role: (patterns,) if isinstance(patterns, str) else tuple(patterns) for role, patterns in declared.items()}
 
 
 def active_parameters(model: nn.Module) -> int | None:

@@ -3,6 +3,9 @@
 Exit ``k`` is ``heads[k](stages[k](...stages[0](x)))``. A sample that leaves at exit k runs
 stages 0..k, heads 0..k and the decisions at exits 0..k-1; nothing after. BranchyNet, SDN
 wrappers and the FractalBrainNet early-exit variant subclass :class:`EarlyExitNetwork`.
+
+Cost roles (:func:`harness.contract.cost_roles`): every module in ``heads`` is an exit head (the
+last exit's classifier too); the stages are the backbone.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class EarlyExitNetwork(DynamicModel):
     """Stages and heads in a cascade. ``exit_weights`` weight the exit losses in training."""
 
     dynamic_kind = "early_exit"
+    cost_roles = {"heads": ("heads",)}
 
     def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module],
                  exit_weights: Sequence[float] | None = None) -> None:

@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 
 ROW_FIELDS: tuple[str, ...] = (
     "schema_version", "run_id", "suite", "cell_id",
-    "model", "variant", "dataset", "device", "batch_size",
+    "model", "variant", "dataset", "device", "seed", "batch_size",
     "exit", "policy", "threshold", "split",
     "metric", "unit", "value", "n", "std", "p50", "p90", "p99", "ci_low", "ci_high",
     "detail", "error",

@@ -34,13 +34,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Cell:
+    """One model on one dataset and device, with one seed. ``seed`` is set only when the suite lists
+    several (``seeds``): then it is part of the cell id (``...__seed3``); else the suite's ``seed``."""
+
     model: ModelEntry
     dataset: DatasetConfig
     device: str
+    seed: int | None = None
 
     @property
     def cell_id(self) -> str:
-        return "__".join(slug(p) for p in (self.model.display, self.dataset.label, self.device))
+        parts = [self.model.display, self.dataset.label, self.device]
+        return "__".join(slug(p) for p in parts) + ("" if self.seed is None else f"__seed{self.seed}")
+
+    def train_seed(self, suite: Suite) -> int:
+        return suite.seed if self.seed is None else self.seed
 
 
 @dataclass
@@ -54,12 +62,15 @@ class RunSummary:
 
 
 def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
+    """Every (dataset, model, seed, device) of the suite, in that order of nesting."""
     devs = devices or list(suite.devices)
-    return [Cell(m, d, dev) for d in suite.datasets for m in suite.models for dev in devs]
+    seeds: tuple[int | None, ...] = suite.seeds if len(suite.seeds) > 1 else (None,)
+    return [Cell(m, d, dev, seed) for d in suite.datasets for m in suite.models for seed in seeds for dev in devs]
 
 
-# Suite keys that do not change any cell's numbers (they only name, describe or choose cells).
-_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices")
+# Suite keys that do not change any cell's numbers (they only name, describe or choose cells; the
+# seed of a cell of a several-seed suite is part of its own identity).
+_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds")
 
 
 def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, str]:
@@ -70,13 +81,14 @@ def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, st
     shared = {k: v for k, v in raw.items() if k not in _NOT_IN_CELL_DIGEST}
     raw_models, raw_datasets = list(raw.get("models") or []), list(raw.get("datasets") or [])
     out = {}
-    for d, ds in enumerate(suite.datasets):
-        for m, model in enumerate(suite.models):
-            identity = {"shared": shared, "model": raw_models[m] if m < len(raw_models) else None,
-                        "dataset": raw_datasets[d] if d < len(raw_datasets) else None}
-            digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            for dev in devices or suite.devices:
-                out[Cell(model, ds, dev).cell_id] = digest
+    index = {(id(m), id(d)): (i, j) for i, m in enumerate(suite.models) for j, d in enumerate(suite.datasets)}
+    for cell in plan_cells(suite, devices):
+        m, d = index[id(cell.model), id(cell.dataset)]
+        identity = {"shared": shared, "model": raw_models[m] if m < len(raw_models) else None,
+                    "dataset": raw_datasets[d] if d < len(raw_datasets) else None}
+        if cell.seed is not None:
+            identity["seed"] = cell.seed
+        out[cell.cell_id] = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return out
 
 
@@ -110,13 +122,49 @@ def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -
         echo(f"{cell_id}: its suite entry changed; the old result is in {stale}, the cell runs again")
 
 
+REMEASURED = "remeasure-"  # stale/remeasure-<time>/: the records of cells set aside by --remeasure
+
+
+def set_aside_for_remeasure(store: RunStore, cell_ids: list[str], echo: Callable[[str], None]) -> Path | None:
+    """Move the finished cells' records (cell file and outcomes) to ``stale/remeasure-<time>/``,
+    keeping their checkpoints: they run again, training resumes at its last epoch (so nothing
+    retrains) and every measurement is made anew by the current code. A later run without
+    ``--remeasure`` continues where an interrupted one stopped."""
+    done = [c for c in cell_ids if store.is_done(c)]
+    if not done:
+        return None
+    folder = store.run_dir / "stale" / f"{REMEASURED}{time.strftime('%Y%m%d-%H%M%S')}"
+    for sub in ("cells", OUTCOMES_DIR):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for cell_id in done:
+        store.cell_path(cell_id).replace(folder / "cells" / f"{cell_id}.json")
+        if outcomes_path(store.run_dir, cell_id).exists():
+            outcomes_path(store.run_dir, cell_id).replace(folder / OUTCOMES_DIR / f"{cell_id}.npz")
+    echo(f"remeasure: {len(done)} finished cell(s) set aside in {folder}; they run again from their checkpoints")
+    return folder
+
+
+def _earlier_record(store: RunStore, cell_id: str) -> list[dict[str, Any]]:
+    """The rows of the newest record of ``cell_id`` set aside by --remeasure ([] if none)."""
+    found = sorted((store.run_dir / "stale").glob(f"{REMEASURED}*/cells/{cell_id}.json"))
+    if not found:
+        return []
+    try:
+        return list(json.loads(found[-1].read_text(encoding="utf-8")).get("rows", []))
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
 def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, progress: bool = False,
-              echo: Callable[[str], None] = lambda s: None) -> RunSummary:
-    """Run every cell of ``suite`` into ``out_dir``; finished cells there are skipped."""
+              echo: Callable[[str], None] = lambda s: None, remeasure: bool = False) -> RunSummary:
+    """Run every cell of ``suite`` into ``out_dir``; finished cells there are skipped (with
+    ``remeasure``: set aside first and measured again from their checkpoints)."""
     for dev in devices or suite.devices:
         check_device(dev)
     store = RunStore(out_dir)
     _check_run_dir(store, suite, echo)
+    if remeasure:
+        set_aside_for_remeasure(store, [c.cell_id for c in plan_cells(suite, devices)], echo)
     out_dir.mkdir(parents=True, exist_ok=True)
     store.write_meta("suite.json", {"name": suite.name, "path": suite.path, "digest": suite.digest,
                                     "content": suite.raw})
@@ -158,14 +206,16 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
              commit: str = "") -> CellRecord:
     """Run one cell; any exception becomes an error record (KeyboardInterrupt propagates)."""
     fields = {"run_id": store.run_id, "suite": suite.name, "cell_id": cell.cell_id, "model": cell.model.display,
-              "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device}
+              "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device,
+              "seed": cell.train_seed(suite)}
     meta = {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label, "device": cell.device,
-            "git_commit": commit}  # a resumed run's cells may come from different commits
+            "seed": cell.train_seed(suite), "git_commit": commit}  # a resumed run's cells: maybe several commits
     try:
         spec = ModelSpec(cell.model.name, dict(cell.model.kwargs), splits.num_classes, splits.in_chans)
-        torch.manual_seed(suite.seed)
+        torch.manual_seed(cell.train_seed(suite))
         model = spec.build()
-        state = CellState(cell, suite, store, splits, spec, model, fields, progress)
+        state = CellState(cell, suite, store, splits, spec, model, fields, progress,
+                          previous_rows=_earlier_record(store, cell.cell_id))
         rows: list[dict[str, Any]] = []
         for step in plan_steps(state, frozenset(suite.metrics)):
             rows.extend(step.run(state))

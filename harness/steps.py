@@ -1,4 +1,4 @@
-"""The measurement steps of a cell, and the typed state they share.
+"""The measurement steps of a cell (the state they share is :class:`harness.cell_state.CellState`).
 
 Each :class:`Step` declares the suite metrics that ask for it (``wanted_by``; empty: every cell;
 ``on_demand``: only when another chosen step needs what it produces),
@@ -6,128 +6,32 @@ whether it applies to the cell's model, the :class:`CellState` fields it needs (
 produced by an earlier step), the fields it may read if present, and the fields it produces.
 :func:`plan_steps` picks the wanted steps that apply, adds the producers of what they need, and
 keeps the one order of :data:`STEPS`; :func:`check_step_order` proves that order is consistent.
-
-An operating point (:class:`OperatingPoint`) is keyed by ``policy`` and ``threshold`` on every row
-that describes it: its accuracy, its expected cost and its latency.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from harness import calibration, contract
 from harness._sweep import check_real_path, simulated_logits
-from harness.data import DataSplits, input_shape
-from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy, topk_correct
-from harness.metrics.flops import (
-    CostTable,
-    build_cost_table,
-    cost_rows,
-    expected_cost_rows,
-    expected_macs,
-    oracle_rows,
-)
+from harness.cell_state import CellState, ExitLogits, OperatingPoint, Rows, _inputs
+from harness.data import input_shape
+from harness.evaluate import accuracy_rows, collect_exit_logits, forward_logits, run_policy, topk_accuracy
+from harness.metrics.exit_stats import exit_stat_rows
+from harness.metrics.flops import build_cost_table, cost_rows, expected_cost_rows, expected_macs, oracle_rows
 from harness.metrics.settings import StreamPoint
-from harness.outcomes import CellOutcomes
-from harness.policies import DecisionThreshold, ExitPolicy, make_policy
-from harness.registry import ModelSpec
-from harness.results import RunStore, make_row, slug
-from harness.suites import PolicyConfig, Suite, sweep_train_config, train_config_for
+from harness.policies import DecisionThreshold, make_policy
+from harness.results import slug
+from harness.suites import PolicyConfig, sweep_train_config, train_config_for
 from harness.train import train_model
 
-Rows = list[dict[str, Any]]
-
-
-@dataclass
-class ExitLogits:
-    """Logits of every exit on one split (K tensors [N, classes], on the CPU) and the labels [N]."""
-
-    logits: list[Tensor]
-    labels: Tensor
-
-
-@dataclass
-class OperatingPoint:
-    """One way to run a dynamic model. ``policy`` names it (``confidence``, ``confidence@budget0.25``,
-    ``gates``, ``router``), ``threshold`` is the grid value (None for fitted or learned points),
-    ``decider`` the ExitPolicy (None: the model's own gates or router), ``fitted_on`` the split its
-    thresholds came from, ``trace`` the test split's per-sample trace once it has run."""
-
-    policy: str
-    threshold: float | None
-    decider: ExitPolicy | None
-    fitted_on: str
-    detail: dict[str, Any] = field(default_factory=dict)
-    trace: contract.Trace | None = None
-
-    @property
-    def key(self) -> dict[str, Any]:
-        """The row fields that identify this point on accuracy, cost and latency rows."""
-        return {"policy": self.policy, "threshold": self.threshold}
-
-    @property
-    def is_budget_fit(self) -> bool:
-        return "budget_fraction" in self.detail
-
-
-@dataclass
-class CellState:
-    """What the steps of one cell share. The first fields are given; the rest are produced by steps."""
-
-    cell: Any  # harness.runner.Cell
-    suite: Suite
-    store: RunStore
-    splits: DataSplits
-    spec: ModelSpec
-    model: nn.Module
-    fields: dict[str, Any]
-    progress: bool = False
-    checkpoint: Path | None = None  # produced by train (when it trains)
-    weights: Path | None = None  # produced by save_weights: the model as measured, for worker processes
-    test_exits: ExitLogits | None = None
-    val_exits: ExitLogits | None = None
-    cost_table: CostTable | None = None
-    points: list[OperatingPoint] = field(default_factory=list)
-    outcomes: CellOutcomes | None = None  # the test split's per-sample outcomes of every accuracy row
-
-    def keep(self, metric: str, logits: Tensor, labels: Tensor, k: int = 1, exit_index: Tensor | None = None,
-             **key: Any) -> float:
-        """The top-k accuracy (%) of ``logits`` on the test ``labels``; its per-sample bits (and exits)
-        are kept in :attr:`outcomes` under the row's metric, policy, threshold and exit."""
-        correct = topk_correct(logits, labels, k)
-        if self.outcomes is None:
-            self.outcomes = CellOutcomes(labels.cpu().numpy())
-        self.outcomes.add(metric, correct, exit_index=exit_index, **key)
-        return 100.0 * int(correct.sum()) / len(labels)
-
-    def row(self, metric: str, value: float | None, unit: str, **extra: Any) -> dict[str, Any]:
-        return make_row(metric, value, unit, **{**self.fields, **extra})
-
-    def need(self, name: str) -> Any:
-        value = getattr(self, name)
-        if value is None:
-            raise RuntimeError(f"step input {name!r} was not produced by an earlier step (see harness.steps.STEPS)")
-        return value
-
-    @property
-    def device(self) -> str:
-        return self.cell.device
-
-    @property
-    def kind(self) -> str:
-        return contract.dynamic_kind(self.model)
-
-
-def _inputs(ds: Any, limit: int | None = None) -> Tensor:
-    n = len(ds) if limit is None else min(limit, len(ds))
-    return torch.stack([ds[i][0] for i in range(n)])
+__all__ = ["STEPS", "CellState", "ExitLogits", "OperatingPoint", "Step", "check_step_order", "plan_steps"]
 
 
 # ----- steps --------------------------------------------------------------------------------------
@@ -141,15 +45,26 @@ def step_parameters(s: CellState) -> Rows:
 
 
 def _train_rows(s: CellState, result: Any, epochs: int, **point: Any) -> Rows:
-    rows = [s.row("train_seconds", result.seconds, "s", split="train", **point,
-                  detail={"epochs": epochs, "resumed_from_epoch": result.resumed_from_epoch})]
+    """Training time (every epoch, resumed ones included, when the checkpoint kept their times; else
+    this call's; a remeasured cell whose checkpoint ran no epoch keeps its first record's) and the
+    last epoch's loss terms."""
+    seconds, covers = result.total_seconds, "every epoch"
+    if seconds is None:
+        seconds, covers = result.seconds, f"the {result.epochs_run} epoch(s) run in this call"
+        same = ("train_seconds", point.get("policy", ""), point.get("threshold"))
+        earlier = [r for r in s.previous_rows if (r.get("metric"), r.get("policy") or "", r.get("threshold")) == same]
+        if result.epochs_run == 0 and earlier:
+            seconds, covers = earlier[0]["value"], "every epoch, from the cell's record before it was remeasured"
+    rows = [s.row("train_seconds", seconds, "s", split="train", **point,
+                  detail={"epochs": epochs, "resumed_from_epoch": result.resumed_from_epoch, "covers": covers,
+                          "this_call_seconds": result.seconds})]
     for term, value in (result.history[-1] if result.history else {}).items():
         rows.append(s.row(f"train_loss_{term}", value, "nats", split="train", **point))
     return rows
 
 
 def step_train(s: CellState) -> Rows:
-    cfg = train_config_for(s.suite, s.cell.model)
+    cfg = train_config_for(s.suite, s.cell.model, s.cell.train_seed(s.suite))
     if cfg is None or cfg.epochs == 0 or not any(p.requires_grad for p in s.model.parameters()):
         return []
     s.checkpoint = s.store.artifact_dir(s.cell.cell_id) / "model.pt"
@@ -180,6 +95,12 @@ def step_cost_table(s: CellState) -> Rows:
     s.model.to(s.device).eval()
     s.cost_table = build_cost_table(s.model, _inputs(s.splits.test, 1).to(s.device))
     return []
+
+
+def step_exit_stats(s: CellState) -> Rows:
+    """Oracle exit, overthinking and the calibration of every exit on test (:mod:`harness.metrics.exit_stats`)."""
+    test = s.need("test_exits")
+    return exit_stat_rows(test.logits, test.labels, s.need("cost_table").exits, **s.fields)
 
 
 def _score_points(s: CellState, points: list[OperatingPoint]) -> Rows:
@@ -299,8 +220,10 @@ def step_cost(s: CellState) -> Rows:
     if s.suite.cost.oracle_samples and s.points:
         inputs = _inputs(s.splits.test).to(s.device)
         for point in s.points[:: max(1, len(s.points) // 3)]:
-            rows.extend(oracle_rows(s.model, inputs, table, point.decider, num_samples=s.suite.cost.oracle_samples,
-                                    seed=s.suite.seed, **{**s.fields, **point.key}))
+            fields = {k: v for k, v in {**s.fields, **point.key}.items() if k != "seed"}  # seed: the sampling's
+            rows.extend({**r, "seed": s.fields.get("seed")} for r in oracle_rows(
+                s.model, inputs, table, point.decider, num_samples=s.suite.cost.oracle_samples, seed=s.suite.seed,
+                **fields))
     return rows
 
 
@@ -319,7 +242,7 @@ def step_attribute_sweep(s: CellState) -> Rows:
     one operating point (policy = the attribute, threshold = the value): the test accuracy of the
     model's own decisions and its expected MACs (cost table x trace)."""
     entry, table = s.cell.model, s.need("cost_table")
-    sweep, cfg = entry.attribute_sweep, sweep_train_config(s.suite, entry)
+    sweep, cfg = entry.attribute_sweep, sweep_train_config(s.suite, entry, s.cell.train_seed(s.suite))
     for attr in (sweep.attribute, *sweep.set):
         if not hasattr(s.model, attr):
             raise ValueError(f"model {entry.display!r} has no attribute {attr!r} for its attribute_sweep")
@@ -425,6 +348,7 @@ STEPS: tuple[Step, ...] = (
     Step("train", step_train, produces=("checkpoint",)),
     Step("accuracy", step_accuracy, _m("accuracy", "sweep"), produces=("test_exits", "val_exits")),
     Step("cost_table", step_cost_table, produces=("cost_table",), on_demand=True),
+    Step("exit_stats", step_exit_stats, _m("accuracy"), needs=("test_exits", "cost_table")),
     Step("threshold_sweep", step_threshold_sweep, _m("sweep"), needs=("val_exits", "test_exits", "cost_table"),
          produces=("points",), applies=lambda s: s.kind == "early_exit"),
     Step("learned_decisions", step_learned_decisions, _m("sweep", "cost"), needs=("cost_table",), produces=("points",),

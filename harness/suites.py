@@ -106,16 +106,17 @@ def suite_json_schema() -> dict[str, Any]:
     return {"$schema": JSON_SCHEMA_DIALECT, **Suite.model_json_schema(mode="validation"), "title": "fractalbench suite"}
 
 
-def train_config_for(suite: Suite, entry: ModelEntry) -> TrainConfig | None:
-    """The suite's training settings with the model entry's overrides applied (None: no training)."""
+def train_config_for(suite: Suite, entry: ModelEntry, seed: int | None = None) -> TrainConfig | None:
+    """The suite's training settings with the model entry's overrides applied (None: no training);
+    ``seed``: the cell's seed (default: the suite's first)."""
     if suite.train is None:
         return None
-    return replace(suite.train, **entry.train)
+    return replace(suite.train, **entry.train, **({} if seed is None else {"seed": seed}))
 
 
-def sweep_train_config(suite: Suite, entry: ModelEntry) -> TrainConfig | None:
+def sweep_train_config(suite: Suite, entry: ModelEntry, seed: int | None = None) -> TrainConfig | None:
     """Training settings of an attribute sweep's stage: the model's, then the sweep's overrides."""
-    base = train_config_for(suite, entry)
+    base = train_config_for(suite, entry, seed)
     if base is None or entry.attribute_sweep is None:
         return None
     return replace(base, **entry.attribute_sweep.train)

@@ -76,8 +76,15 @@ class TrainConfig:
 class TrainResult:
     epochs_run: int
     resumed_from_epoch: int
-    seconds: float
+    seconds: float  # this call's
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: term -> mean
+    epoch_seconds: list[float] = field(default_factory=list)  # per epoch, earlier (resumed) calls included
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Training time of every epoch, resumed ones included (None when a checkpoint from before
+        epoch times were kept leaves some unknown)."""
+        return sum(self.epoch_seconds) if len(self.epoch_seconds) == len(self.history) else None
 
 
 def seed_everything(seed: int) -> None:
@@ -150,10 +157,10 @@ def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig) -> _Loop:
     return _Loop(objective, sampler, loader, steps, opt, make_scheduler(opt, cfg, steps), rank)
 
 
-def _resume(model: nn.Module, loop: _Loop, checkpoint: Path | None) -> tuple[int, list[dict[str, float]]]:
-    """(first epoch to run, history so far) from ``checkpoint`` when it exists, else (0, [])."""
+def _resume(model: nn.Module, loop: _Loop, checkpoint: Path | None) -> tuple[int, list[dict[str, float]], list[float]]:
+    """(first epoch to run, history so far, epoch seconds so far) from ``checkpoint`` when it exists."""
     if checkpoint is None or not checkpoint.exists():
-        return 0, []
+        return 0, [], []
     state = read_checkpoint(checkpoint)
     load_model_state(model, state, checkpoint)
     try:
@@ -162,7 +169,8 @@ def _resume(model: nn.Module, loop: _Loop, checkpoint: Path | None) -> tuple[int
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {checkpoint} has optimizer state that does not fit: {exc}") from None
     log.info("resumed %s at epoch %d", checkpoint, int(state["epoch"]))
-    return int(state["epoch"]), list(state.get("extra", {}).get("history", []))
+    extra = state.get("extra", {})
+    return int(state["epoch"]), list(extra.get("history", [])), [float(t) for t in extra.get("epoch_seconds", [])]
 
 
 def _train_epoch(loop: _Loop, epoch: int, cfg: TrainConfig, device: str, progress: bool) -> dict[str, float]:
@@ -202,9 +210,10 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
     seed_everything(cfg.seed)
     model.to(device)
     loop = _make_loop(model, train_set, cfg)
-    start_epoch, history = _resume(model, loop, checkpoint)
+    start_epoch, history, epoch_seconds = _resume(model, loop, checkpoint)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
         model.train()
         contract.on_train_epoch(model, epoch, cfg.epochs)  # e.g. SDN's loss-weight ramp
         loop.sampler.set_epoch(epoch)
@@ -214,13 +223,14 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
         history.append(means)
         if epoch == cfg.epochs - 1:
             contract.on_train_end(model, train_set, cfg.batch_size, device)  # e.g. FractalNet's BN per path
+        epoch_seconds.append(time.perf_counter() - started)
         if checkpoint is not None and loop.rank == 0:
             save_checkpoint(checkpoint, model, spec=spec, optimizer=loop.opt, scheduler=loop.sched, epoch=epoch + 1,
-                            extra={"history": history})
+                            extra={"history": history, "epoch_seconds": epoch_seconds})
         if on_epoch is not None:
             on_epoch(epoch + 1, means)
     model.eval()
-    return TrainResult(cfg.epochs - start_epoch, start_epoch, time.perf_counter() - t0, history)
+    return TrainResult(cfg.epochs - start_epoch, start_epoch, time.perf_counter() - t0, history, epoch_seconds)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -6,6 +6,8 @@ The runner calls the high-level entry points:
 - :func:`cost_rows` (``flops.py``): parameters, MACs/FLOPs per forced exit, the cost table, the
   fvcore cross-check (static models) and, given traces, the expected MACs of a dynamic model.
 - :func:`oracle_rows` (``flops.py``): per-sample counted MACs at batch 1 vs the cost table.
+- :func:`~harness.metrics.exit_stats.exit_stat_rows` (``exit_stats.py``): oracle exit, overthinking
+  and per-exit expected calibration error of an early-exit model, from its exit logits.
 - :func:`latency_rows` (``latency.py``): per-exit and per-policy latency, each model/setting in its
   own process (``python -m harness.metrics._worker``) unless ``isolate=False``.
 - :func:`memory_rows` (``memory.py``): peak activation memory (CPU: fresh process, VmHWM; GPU:
@@ -27,7 +29,7 @@ Units and definitions
 
 The package's modules, bottom up: ``statistics`` (sample summaries), ``timing`` (threads, timed
 calls, the Timer cross-check), ``settings`` (LatencySettings, MemorySettings), ``isolation``
-(worker processes), then ``flops``, ``latency``, ``memory``, ``profile``. Every metric name, unit
+(worker processes), then ``flops``, ``exit_stats``, ``latency``, ``memory``, ``profile``. Every metric name, unit
 and kind is in :mod:`harness.catalogue`.
 
 Metric names in result rows (``metric`` / ``unit``)
@@ -45,12 +47,21 @@ macs_fvcore                    MACs       fvcore's count of the same MAC ops (st
                                           ``detail``: fvcore total incl. norms, skipped ops
 expected_macs                  MACs       mean over samples of executed MACs (n, std, p50..p99)
 expected_flops                 FLOPs      2 x expected_macs
+expected_macs_backbone         MACs       mean MACs of the backbone that ran (cost roles)
+expected_macs_heads            MACs       mean MACs of the exit heads evaluated (taken or not)
+expected_macs_gating           MACs       mean MACs of gates and routers evaluated
+macs_avoided_fraction          fraction   1 - expected_macs / MACs of the last forced exit
 exit_fraction                  fraction   share of samples leaving at ``exit``
 gate_rate                      fraction   share of samples executing gated block
                                           ``detail.gate``
 expert_load                    fraction   share of routed tokens of layer ``detail.layer`` sent
                                           to expert ``detail.expert``
 macs_oracle_error              MACs       max |counted - table| over the oracle samples (0 = ok)
+oracle_top1                    %          right at any exit (Kaya et al. 2019), with n and interval
+oracle_macs                    MACs       mean MACs when each sample leaves at its first right exit
+overthinking                   %          right at an earlier exit, wrong at the last
+overthinking_wasteful          %          right at an earlier exit and at the last
+ece                            %          expected calibration error of exit ``exit`` (15 bins)
 latency                        ms         per call: forced path (``exit`` set, ``policy`` empty)
                                           or a policy (compact inference); value = mean,
                                           p50/p90/p99/n/std filled

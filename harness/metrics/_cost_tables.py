@@ -1,11 +1,17 @@
 """Layer 3 of :mod:`harness.metrics.flops`: cost tables (MACs per cost unit and per forced exit at
-batch 1), the expected cost of a dynamic model from its traces, and the per-sample oracle that
-checks the table against MACs counted on the real dynamic forward."""
+batch 1, and per unit by role), the expected cost of a dynamic model from its traces, and the
+per-sample oracle that checks the table against MACs counted on the real dynamic forward.
+
+Roles. A model declares which submodules are exit heads, gates and routers
+(:func:`harness.contract.cost_roles`); a MAC counted while such a module (or one inside it) runs
+is that role's, every other MAC is ``backbone`` (:data:`ROLE_PARTS`). A unit's MACs by role are
+its probe's minus its baseline's, like its total, so they add up to the unit's MACs exactly."""
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -19,7 +25,12 @@ from harness.metrics.statistics import Summary, summarize
 @dataclass(frozen=True, eq=False)
 class CostTable(Mapping):
     """MACs per cost unit (a Mapping name -> MACs, so ``executed_macs(trace, table)`` works) and per
-    forced exit (cumulative, batch 1). ``probes``/``exit_counts`` keep the raw counts."""
+    forced exit (cumulative, batch 1). ``probes``/``exit_counts`` keep the raw counts.
+
+    ``role_owners``: counter name -> role of every declared module (:func:`role_owners`);
+    ``unit_roles[u]``: unit u's MACs by role (:data:`ROLE_PARTS`), its probe's minus its baseline's,
+    adding up to ``units[u]`` exactly (checked on construction; {} = not known);
+    ``forward_count``: ``forward()`` at batch 1 where it is a fixed path, else None."""
 
     units: dict[str, int | float]
     exits: tuple[int | float, ...]
@@ -27,6 +38,12 @@ class CostTable(Mapping):
     probes: dict[str, MacCount]
     exit_counts: tuple[MacCount, ...]
     input_shape: tuple[int, ...]
+    role_owners: dict[str, str] = field(default_factory=dict)
+    unit_roles: dict[str, dict[str, int | float]] = field(default_factory=dict)
+    forward_count: MacCount | None = None
+
+    def __post_init__(self) -> None:
+        _check_unit_roles(self.units, self.unit_roles)
 
     def __getitem__(self, name: str) -> int | float:
         return self.units[name]
@@ -46,6 +63,91 @@ class CostTable(Mapping):
                 merged[name] = max(merged[name], n)
         return dict(merged)
 
+    @property
+    def has_roles(self) -> bool:
+        """Whether the table has MACs by role (tables from :func:`build_cost_table` do)."""
+        return bool(self.unit_roles)
+
+    def roles_of(self, count: MacCount) -> dict[str, int | float]:
+        """MACs of one counted call by role (:data:`ROLE_PARTS`), with this table's role owners."""
+        return split_by_role(count, self.role_owners)
+
+    @property
+    def exit_roles(self) -> tuple[dict[str, int | float], ...]:
+        """MACs by role of each forced exit (``exit_counts``)."""
+        return tuple(self.roles_of(c) for c in self.exit_counts)
+
+
+ROLE_PARTS = ("backbone", *contract.COST_ROLES)
+"""The parts a MAC belongs to: ``backbone`` (everything not declared) and the declarable roles."""
+
+
+def role_owners(model: nn.Module) -> dict[str, str]:
+    """Counter name (``RootClass.path``, as in ``MacCount.by_module``) -> role, for every module
+    declared in :func:`harness.contract.cost_roles` and every module inside one. A pattern that
+    matches no module, or a module in two roles, is an error."""
+    root = type(model).__name__
+    counter_name = {}
+    for name, mod in model.named_modules():  # the first path of a shared module is the counter's name
+        counter_name.setdefault(mod, f"{root}.{name}" if name else root)
+    owners: dict[str, str] = {}
+    for role, patterns in contract.cost_roles(model).items():
+        for pattern in patterns:
+            hits = [mod for name, mod in model.named_modules(remove_duplicate=False)
+                    if name and fnmatchcase(name, pattern)]
+            if not hits:
+                raise ValueError(f"{root}.cost_roles: {role} pattern {pattern!r} matches no submodule")
+            for mod in hits:
+                for inner in mod.modules():
+                    name = counter_name[inner]
+                    if owners.setdefault(name, role) != role:
+                        raise ValueError(f"{root}.cost_roles: module {name!r} is declared both "
+                                         f"{owners[name]} and {role}; a MAC has one role")
+    return owners
+
+
+def _owner(name: str, owners: Mapping[str, str]) -> str | None:
+    """The role of module ``name`` or of the nearest enclosing declared module (None: backbone)."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        role = owners.get(".".join(parts[:i]))
+        if role is not None:
+            return role
+    return None
+
+
+def split_by_role(count: MacCount, owners: Mapping[str, str]) -> dict[str, int | float]:
+    """MACs of ``count`` by role: a role's MACs are the ``by_module`` MACs of its outermost modules
+    that ran (``by_module`` is cumulative: a module's entry includes its children's); backbone =
+    total - the roles'."""
+    parts: dict[str, int | float] = dict.fromkeys(contract.COST_ROLES, 0)
+    for name, macs in count.by_module.items():
+        role = _owner(name, owners)
+        if role is None:
+            continue
+        enclosing = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        if not any(a in count.by_module and _owner(a, owners) is not None for a in enclosing):
+            parts[role] += macs
+    return {"backbone": count.total - sum(parts.values()), **parts}
+
+
+def _check_unit_roles(units: Mapping[str, int | float], unit_roles: Mapping[str, Mapping[str, int | float]]) -> None:
+    """Every unit's roles are the :data:`ROLE_PARTS`, none negative, and add up to its MACs exactly."""
+    if not unit_roles:
+        return
+    if set(unit_roles) != set(units):
+        raise ValueError(f"the cost table's MACs by role cover units {sorted(unit_roles)}, not {sorted(units)}")
+    for name, roles in unit_roles.items():
+        if tuple(roles) != ROLE_PARTS:
+            raise ValueError(f"cost unit {name!r}: roles {list(roles)} are not {list(ROLE_PARTS)}")
+        negative = {r: v for r, v in roles.items() if v < 0}
+        if negative:
+            raise ValueError(f"cost unit {name!r}: negative MACs by role {negative}; its probe must include its "
+                             f"baseline's work in every role")
+        if sum(roles.values()) != units[name]:
+            raise ValueError(f"cost unit {name!r}: its MACs by role {dict(roles)} add up to {sum(roles.values())}, "
+                             f"not to its {units[name]} MACs")
+
 
 def _check_batch1(x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != 1:
@@ -54,9 +156,12 @@ def _check_batch1(x: Tensor) -> None:
 
 
 def build_cost_table(model: nn.Module, sample_input: Tensor) -> CostTable:
-    """Count every cost unit's probe and every forced exit at batch 1 (eval mode, no grad)."""
+    """Count every cost unit's probe and every forced exit at batch 1 (eval mode, no grad); split
+    each by role. ``forward_count``: ``model(x)`` where forward() is a fixed path (static and
+    early-exit models; a gated or routed model's forward decides per sample), else None."""
     _check_batch1(sample_input)
     x = sample_input.to(model_device(model))
+    owners = role_owners(model)
     with eval_mode(model), torch.no_grad():
         units = contract.cost_units(model)
         names = [u.name for u in units]
@@ -64,23 +169,35 @@ def build_cost_table(model: nn.Module, sample_input: Tensor) -> CostTable:
         if dupes:
             raise ValueError(f"cost unit name(s) {dupes} appear more than once in {type(model).__name__}.cost_units()")
         probes = {u.name: count_macs(u.probe, x, module=model) for u in units}
-        values: dict[str, int | float] = {}
-        for u in units:
-            base = 0
-            if u.baseline is not None:
-                if u.baseline not in probes:
-                    raise ValueError(f"cost unit {u.name!r} has baseline {u.baseline!r}, which is not a unit; "
-                                     f"units: {', '.join(names)}")
-                base = probes[u.baseline].total
-            macs = probes[u.name].total - base
-            if macs < 0:
-                raise ValueError(f"cost unit {u.name!r}: its probe ran {probes[u.name].total} MACs, fewer than its "
-                                 f"baseline {u.baseline!r} ({base}); the probe must include the baseline's work")
-            values[u.name] = macs
+        values, roles = _unit_values(units, probes, owners)
         exit_counts = tuple(count_macs(lambda inp, k=k: contract.forced_forward(model, inp, k), x, module=model)
                             for k in range(contract.num_exits(model)))
+        kind = contract.dynamic_kind(model)
+        forward = exit_counts[0] if kind == "static" else count_macs(model, x) if kind == "early_exit" else None
     return CostTable(values, tuple(c.total for c in exit_counts), {u.name: u.baseline for u in units}, probes,
-                     exit_counts, tuple(sample_input.shape))
+                     exit_counts, tuple(sample_input.shape), owners, roles, forward)
+
+
+def _unit_values(units: list[contract.CostUnit], probes: Mapping[str, MacCount], owners: Mapping[str, str]
+                 ) -> tuple[dict[str, int | float], dict[str, dict[str, int | float]]]:
+    """MACs per unit and by role: the probe's minus the baseline unit's probe's."""
+    values: dict[str, int | float] = {}
+    roles: dict[str, dict[str, int | float]] = {}
+    for u in units:
+        base = MacCount(0)
+        if u.baseline is not None:
+            if u.baseline not in probes:
+                raise ValueError(f"cost unit {u.name!r} has baseline {u.baseline!r}, which is not a unit; "
+                                 f"units: {', '.join(probes)}")
+            base = probes[u.baseline]
+        macs = probes[u.name].total - base.total
+        if macs < 0:
+            raise ValueError(f"cost unit {u.name!r}: its probe ran {probes[u.name].total} MACs, fewer than its "
+                             f"baseline {u.baseline!r} ({base.total}); the probe must include the baseline's work")
+        values[u.name] = macs
+        mine, theirs = split_by_role(probes[u.name], owners), split_by_role(base, owners)
+        roles[u.name] = {r: mine[r] - theirs[r] for r in ROLE_PARTS}
+    return values, roles
 
 
 # ----- expected cost of a dynamic model -----------------------------------------------------------
@@ -130,6 +247,16 @@ def expected_macs(trace: contract.Trace, table: Mapping[str, float], num_exits: 
     if num_exits is None and isinstance(table, CostTable):
         num_exits = len(table.exits)
     return ExpectedCost(per_sample, summarize(per_sample.tolist()), trace_histograms(trace, num_exits))
+
+
+def expected_roles(trace: contract.Trace, table: CostTable) -> dict[str, Tensor]:
+    """Executed MACs of each sample by role (:data:`ROLE_PARTS` -> float64 [N]): sum over units of
+    count x the unit's MACs of that role. Per sample they add up to ``executed_macs`` exactly
+    (integer MACs in float64)."""
+    if not table.has_roles:
+        raise ValueError("this cost table has no MACs by role (build it with build_cost_table)")
+    return {r: contract.executed_macs(trace, {u: roles[r] for u, roles in table.unit_roles.items()})
+            for r in ROLE_PARTS}
 
 
 # ----- oracle ---------------------------------------------------------------------------------------

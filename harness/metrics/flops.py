@@ -28,9 +28,14 @@ Definitions
   (:func:`harness.contract.executed_macs`); the expected MACs of a dynamic model over a dataset
   is their mean. The oracle counts single samples at batch 1 on the real ``dynamic_forward`` and
   must agree exactly.
+- Cost decomposition (:func:`decomposition_rows`): a model declares its exit heads, gates and
+  routers (:func:`harness.contract.cost_roles`); every other MAC is backbone. The table keeps
+  each unit's MACs by role (``unit_roles``, adding up to the unit's MACs exactly), so sample n's
+  executed MACs split into backbone + heads + gating (gates and routers), exactly per sample.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,11 +43,13 @@ from torch import Tensor, nn
 
 from harness import contract
 from harness.metrics._cost_tables import (
+    ROLE_PARTS,
     CostTable,
     ExpectedCost,
     OracleSample,
     build_cost_table,
     expected_macs,
+    expected_roles,
     oracle_check,
     pick_samples,
     trace_histograms,
@@ -62,10 +69,11 @@ from harness.metrics.statistics import MIN_SAMPLES_P99, Summary
 from harness.results import field_row as _row
 
 __all__ = [
-    "EXTRA_FORMULAS", "FVCORE_MAC_OPS", "ZERO_MAC_CATEGORIES", "ZERO_MAC_OPS", "CostTable", "ExpectedCost",
-    "FvcoreCount", "MacCount", "MacCounter", "OracleSample", "aten", "build_cost_table", "cost_rows", "count_macs",
-    "eval_mode", "expected_cost_rows", "expected_macs", "fvcore_count", "model_device", "oracle_check", "oracle_rows",
-    "parameter_counts", "pick_samples", "trace_histograms",
+    "EXTRA_FORMULAS", "FVCORE_MAC_OPS", "ROLE_PARTS", "ZERO_MAC_CATEGORIES", "ZERO_MAC_OPS", "CostTable",
+    "ExpectedCost", "FvcoreCount", "MacCount", "MacCounter", "OracleSample", "aten", "build_cost_table", "cost_rows",
+    "count_macs", "decomposition_rows", "eval_mode", "expected_cost_rows", "expected_macs", "expected_roles",
+    "fvcore_count", "model_device", "oracle_check", "oracle_rows", "parameter_counts", "pick_samples",
+    "trace_histograms",
 ]
 
 
@@ -84,7 +92,8 @@ def _stats_times(summary: Summary, factor: float) -> dict[str, Any]:
 
 def expected_cost_rows(trace: contract.Trace, table: CostTable, label: str = "", /,
                        **row_fields: Any) -> list[dict[str, Any]]:
-    """expected_macs/expected_flops (distribution), exit_fraction, gate_rate and expert_load rows."""
+    """expected_macs/expected_flops (distribution), the cost decomposition (:func:`decomposition_rows`,
+    where the table has MACs by role), exit_fraction, gate_rate and expert_load rows."""
     cost = expected_macs(trace, table)
     s, hist = cost.summary, cost.histograms
     fields = {**row_fields, "policy": label or row_fields.get("policy", "")}
@@ -93,6 +102,8 @@ def expected_cost_rows(trace: contract.Trace, table: CostTable, label: str = "",
     rows = [_row("expected_macs", s.mean, "MACs", fields, **s.row_stats(), detail=detail),
             _row("expected_flops", 2 * s.mean, "FLOPs", fields, **_stats_times(s, 2.0),
                  detail={"min": 2 * s.min, "max": 2 * s.max})]
+    if getattr(table, "has_roles", False):
+        rows.extend(decomposition_rows(trace, table, cost, fields))
     if len(table.exits) > 1:
         for k, (frac, count) in enumerate(zip(hist["exit_fractions"], hist["exit_counts"])):
             rows.append(_row("exit_fraction", frac, "fraction", fields, exit=k, n=s.n, detail={"count": count}))
@@ -103,6 +114,52 @@ def expected_cost_rows(trace: contract.Trace, table: CostTable, label: str = "",
         for e, c in enumerate(counts):
             rows.append(_row("expert_load", c / tokens if tokens else 0.0, "fraction", fields, n=tokens,
                              detail={"layer": layer, "expert": e, "count": c, "dropped": dropped}))
+    return rows
+
+
+DECOMPOSITION = (
+    "mean over samples of the MACs each sample executed in that part (cost table by role x trace): backbone = "
+    "every MAC outside the model's declared exit heads, gates and routers (harness.contract.cost_roles); heads = "
+    "every exit head evaluated, taken or not (leaving at exit 2 of a cascade evaluates heads 0, 1 and 2); gating = "
+    "gates and routers evaluated. Per sample backbone + heads + gating = executed MACs exactly; the row values are "
+    "means (each rounded once), sum_over_samples holds the exact sums. A trace of mode='mask' counts every unit "
+    "it computes, so a masked run reports everything it masks (cascades: the full network)")
+AVOIDED = (
+    "1 - expected_macs / full_network_macs, where the full network is the last forced exit: the full dynamic "
+    "network with all its heads, gates and routers (cascades: every stage and every head). Negative where a run "
+    "computes more than that (mode='mask' of a routed model runs every expert on every token); "
+    "avoided_vs_forward: the same against forward(), the plain path without side heads, where it is a fixed path")
+
+
+def decomposition_rows(trace: contract.Trace, table: CostTable, cost: ExpectedCost | None = None,
+                       fields: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of one operating point: ``expected_macs_backbone``, ``expected_macs_heads``,
+    ``expected_macs_gating`` (see :data:`DECOMPOSITION`) and ``macs_avoided_fraction`` (see
+    :data:`AVOIDED`). The three parts add up to ``expected_macs`` (exactly per sample). A masked
+    run's trace (``mode="mask"``: every stage runs, then the policy selects) counts every unit it
+    computes, so it is reported as computing everything it masks (a cascade's decomposition is the
+    full network's); the masked latency rows (``latency_masked``) are unchanged."""
+    cost = cost or expected_macs(trace, table)
+    fields, n = dict(fields or {}), cost.summary.n
+    sums = {r: math.fsum(v.tolist()) for r, v in expected_roles(trace, table).items()}
+    mean = {r: v / n for r, v in sums.items()}
+    parts = {"backbone": ("backbone",), "heads": ("heads",), "gating": ("gates", "routers")}
+    rows = []
+    for part, roles in parts.items():
+        detail = {"sum_over_samples": sum(sums[r] for r in roles), "expected_macs": cost.mean,
+                  "share_of_expected": sum(mean[r] for r in roles) / cost.mean if cost.mean else None,
+                  "definition": DECOMPOSITION}
+        if len(roles) > 1:
+            detail.update({r: mean[r] for r in roles})
+        rows.append(_row(f"expected_macs_{part}", math.fsum(sums[r] for r in roles) / n, "MACs", fields, n=n,
+                         detail=detail))
+    full = table.exits[-1]
+    forward = table.forward_count.total if table.forward_count is not None else None
+    detail = {"full_network_macs": full, "full_network_by_role": table.exit_roles[-1], "expected_macs": cost.mean,
+              "forward_macs": forward, "avoided_vs_forward": 1 - cost.mean / forward if forward else None,
+              "definition": AVOIDED}
+    rows.append(_row("macs_avoided_fraction", 1 - cost.mean / full if full else None, "fraction", fields, n=n,
+                     detail=detail))
     return rows
 
 

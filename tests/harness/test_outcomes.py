@@ -54,7 +54,11 @@ def _accuracy_rows(frame):
     return frame[frame.metric.isin(["top1", "top5", "top1_full", "policy_top1"]) & (frame.split == "test")]
 
 
-@pytest.mark.parametrize("model", ["branchynet_resnet20", "skipnet38", {"name": "fractalnet20", "kwargs": {"widths": [8, 16, 16, 16, 16]}}])
+SMALL_FRACTALNET = {"name": "fractalnet20", "kwargs": {"widths": [8, 16, 16, 16, 16]}}
+
+
+@pytest.mark.parametrize("model", ["branchynet_resnet20", "skipnet38", SMALL_FRACTALNET],
+                         ids=["branchynet", "skipnet", "fractalnet"])
 def test_every_accuracy_row_has_its_outcome_and_equals_it(tmp_path, model):
     summary = run_suite(suite([model]), tmp_path)
     assert summary.failed == []

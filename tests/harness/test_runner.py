@@ -173,3 +173,65 @@ def test_routed_model_gets_a_validation_fitted_decision_threshold_per_budget(tmp
     assert fits[0]["threshold_value"] >= fits[1]["threshold_value"] >= fits[2]["threshold_value"]
     cost = frame[frame.metric == "expected_macs"].set_index("policy").value
     assert len(cost) == 4 and cost["decision_threshold@budget0.25"] < cost["router"]  # test split: scored only
+
+
+def test_several_seeds_run_one_cell_each_and_a_new_seed_runs_alone(tmp_path):
+    entry = {"name": "linear", "train": {"epochs": 1}}
+    first = run_suite(suite([entry], seeds=[0, 1]), tmp_path)
+    assert first.finished == ["linear__digits8__cpu__seed0", "linear__digits8__cpu__seed1"]
+    frame = load_run(tmp_path)
+    assert sorted(set(frame.seed)) == [0, 1]
+    top1 = frame[frame.metric == "top1"].set_index("seed").value
+    losses = frame[frame.metric == "train_loss_cross_entropy"].set_index("seed").value
+    assert losses[0] != losses[1]  # two seeds, two trainings (the accuracies may tie on 359 images)
+    again = run_suite(suite([entry], seeds=[0, 1, 2]), tmp_path)
+    assert again.skipped == first.finished and again.finished == ["linear__digits8__cpu__seed2"]
+    assert load_run(tmp_path).query("metric == 'top1'").set_index("seed").value[[0, 1]].tolist() == top1.tolist()
+    one = run_suite(suite([entry], seed=2), tmp_path / "single")
+    assert one.finished == ["linear__digits8__cpu"]  # one seed: the id has no seed part
+    single = load_run(tmp_path / "single")
+    assert set(single.seed) == {2}
+    seed2 = load_run(tmp_path).query("metric == 'train_loss_cross_entropy' and seed == 2").value.iloc[0]
+    assert single[single.metric == "train_loss_cross_entropy"].value.iloc[0] == seed2  # same seed, same training
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"seeds": [1, 1]}, "field 'seeds': seeds must be distinct, got [1, 1]"),
+    ({"seed": 1, "seeds": [2, 3]}, "field 'seeds': give either `seed` or `seeds`, not both"),
+    ({"seeds": [0, -1]}, "field 'seeds[1]': must be a whole number >= 0, got -1"),
+])
+def test_bad_seeds_are_refused(extra, message):
+    with pytest.raises(SuiteError, match=message.replace("[", r"\[").replace("`", "`")):
+        suite(["linear"], **extra)
+
+
+def test_remeasure_measures_finished_cells_again_without_retraining(tmp_path):
+    entry = {"name": "linear", "train": {"epochs": 2}}
+    run_suite(suite([entry]), tmp_path)
+    first = load_run(tmp_path)
+    again = run_suite(suite([entry]), tmp_path, remeasure=True)
+    assert again.finished == ["linear__digits8__cpu"] and again.skipped == []
+    second = load_run(tmp_path)
+    kept = list((tmp_path / "stale").glob("remeasure-*/cells/linear__digits8__cpu.json"))
+    old_rows = json.loads(kept[0].read_text())["rows"] if len(kept) == 1 else []
+    assert [(r["metric"], r["value"]) for r in old_rows] == list(zip(first.metric, first.value))
+    train = json.loads(second[second.metric == "train_seconds"].detail.iloc[0])
+    assert train["resumed_from_epoch"] == 2 and train["covers"] == "every epoch"  # no epoch ran again
+    for metric in ("top1", "train_seconds", "train_loss_cross_entropy"):
+        assert second[second.metric == metric].value.tolist() == first[first.metric == metric].value.tolist()
+    assert (tmp_path / "outcomes" / "linear__digits8__cpu.npz").is_file()
+
+
+def test_remeasure_of_a_checkpoint_without_epoch_times_keeps_the_first_records_time(tmp_path):
+    from harness.checkpoints import read_checkpoint
+
+    entry = {"name": "linear", "train": {"epochs": 1}}
+    run_suite(suite([entry]), tmp_path)
+    seconds = load_run(tmp_path).query("metric == 'train_seconds'").value.iloc[0]
+    path = tmp_path / "artifacts" / "linear__digits8__cpu" / "model.pt"
+    state = read_checkpoint(path)
+    del state["extra"]["epoch_seconds"]  # as written before epoch times were kept
+    torch.save(state, path)
+    run_suite(suite([entry]), tmp_path, remeasure=True)
+    row = load_run(tmp_path).query("metric == 'train_seconds'").iloc[0]
+    assert row.value == seconds and "before it was remeasured" in json.loads(row.detail)["covers"]

@@ -38,7 +38,7 @@ def test_declared_order_is_consistent_and_a_wrong_one_is_caught():
     check_step_order()
     by_name = {s.name: s for s in STEPS}
     swapped = tuple(s for s in STEPS if s.name != "cost_table") + (by_name["cost_table"],)
-    with pytest.raises(ValueError, match="step 'threshold_sweep' needs \\['cost_table'\\]"):
+    with pytest.raises(ValueError, match="step 'exit_stats' needs \\['cost_table'\\]"):  # the first to need it
         check_step_order(swapped)
 
 
@@ -50,7 +50,7 @@ def test_every_needed_field_is_a_field_of_the_state():
 
 def test_static_model_runs_only_what_its_metrics_ask(tmp_path):
     state = state_for("linear", tmp_path)
-    assert names(state, "accuracy") == ["parameters", "train", "accuracy"]
+    assert names(state, "accuracy") == ["parameters", "train", "accuracy", "cost_table", "exit_stats"]
     assert names(state, "cost") == ["parameters", "train", "cost_table", "cost"]
     assert names(state, "latency", "memory") == ["parameters", "train", "save_weights", "latency", "memory"]
 
@@ -65,7 +65,8 @@ def test_gated_model_has_its_learned_point_and_an_attribute_sweep_applies_only_w
     gated = state_for("skipnet38", tmp_path)
     assert names(gated, "cost") == ["parameters", "train", "cost_table", "learned_decisions", "cost"]
     swept = state_for("skipnet38", tmp_path, attribute_sweep={"attribute": "alpha", "values": [0.1]})
-    assert names(swept, "accuracy") == ["parameters", "train", "accuracy", "cost_table", "attribute_sweep"]
+    assert names(swept, "accuracy") == ["parameters", "train", "accuracy", "cost_table", "exit_stats",
+                                        "attribute_sweep"]
 
 
 def test_a_step_that_needs_a_missing_input_says_which(tmp_path):
