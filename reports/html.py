@@ -7,10 +7,11 @@ receives every plot as PNG and SVG and every table as CSV (raw values) and Markd
 
 The page reads like an answer: it opens with accuracy vs MACs and the Pareto frontier, then a
 short summary per model; everything else (trade-off tables, errors, reference numbers, per-exit
-numbers, latency, memory, dynamic behaviour, patterns, training, suite and environment) is in
-collapsed sections. Python builds the page as plain data (:mod:`reports.sections`,
-:mod:`reports.blocks`); the Jinja2 templates in ``reports/templates/`` render it with autoescaping
-on, so every string taken from the results is escaped and none reaches the page as markup.
+numbers, latency, memory, dynamic behaviour, exit statistics (:mod:`reports.sections_exits`),
+patterns, training, suite and environment) is in collapsed sections. Python builds the page as
+plain data (:mod:`reports.sections`, :mod:`reports.blocks`); the Jinja2 templates in
+``reports/templates/`` render it with autoescaping on, so every string taken from the results is
+escaped and none reaches the page as markup.
 """
 
 from __future__ import annotations
@@ -26,10 +27,23 @@ from harness.results import atomic_write_text, check_run_dir
 from reports import tables
 from reports.blocks import ErrorText, Section
 from reports.sections import SECTIONS, Builder, ReportContext
+from reports.sections_exits import section_exit_stats
 
 log = logging.getLogger(__name__)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # as written in templates/report.html.j2
+
+SectionSpec = tuple[str, str, Builder, bool]  # (anchor, title, builder, collapsed)
+EXIT_STATS_SECTION: SectionSpec = ("exit_stats", "Exits: oracle, overthinking, calibration", section_exit_stats, True)
+
+
+def page_sections(base: Sequence[SectionSpec] = SECTIONS) -> tuple[SectionSpec, ...]:
+    """The page's sections in order: :data:`reports.sections.SECTIONS` with the exit statistics
+    (:mod:`reports.sections_exits`) right after the dynamic-behaviour section (before the last,
+    the files section, when there is none)."""
+    anchors = [spec[0] for spec in base]
+    at = anchors.index("dynamic") + 1 if "dynamic" in anchors else max(0, len(base) - 1)
+    return (*base[:at], EXIT_STATS_SECTION, *base[at:])
 
 
 def environment() -> jinja2.Environment:
@@ -63,7 +77,7 @@ def build_report(runs: Sequence[Path | str], folder: Path) -> str:
     data = tables.load_runs(runs)
     ctx = ReportContext(data, tables.combined_rows(data), folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sections = [build_section(*spec, ctx) for spec in SECTIONS]
+    sections = [build_section(*spec, ctx) for spec in page_sections()]
     suites = sorted({str(r.suite.get("name", "?")) for r in data})
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     subtitle = [f"runs: {', '.join(r.name for r in data)}; generated {now}; "

@@ -97,36 +97,90 @@ def _xscale(ax: Any, values: Iterable[float]) -> None:
 # ----- accuracy vs cost --------------------------------------------------------------------------
 
 COST_UNITS = {"macs": "MACs per image", "latency": "latency ms per call (batch 1, mean)"}
+GRID_TITLE = "test grid (not for model selection)"
+
+
+@dataclass(frozen=True)
+class CostFigure:
+    """One accuracy-vs-cost figure before it is written: file name, title, caption, the figure and
+    the points drawn on it (rows of :func:`reports.points.operating_points` or
+    :func:`reports.points.grid_points`)."""
+
+    name: str
+    title: str
+    caption: str
+    figure: Figure
+    points: pd.DataFrame
 
 
 def plot_tradeoffs(frame: pd.DataFrame, folder: Path, costs: Sequence[str] = ("macs", "latency")) -> list[Plot]:
+    """The headline figures of :func:`tradeoff_figures`, written into ``folder``."""
+    return [save(f.figure, folder, f.name, f.title, f.caption) for f in tradeoff_figures(frame, costs)]
+
+
+def plot_test_grid(frame: pd.DataFrame, folder: Path) -> list[Plot]:
+    """The test-grid figures of :func:`grid_figures`, written into ``folder``."""
+    return [save(f.figure, folder, f.name, f.title, f.caption) for f in grid_figures(frame)]
+
+
+def tradeoff_figures(frame: pd.DataFrame, costs: Sequence[str] = ("macs", "latency")) -> list[CostFigure]:
     """Top-1 vs MACs per dataset and top-1 vs latency (batch 1) per dataset and device (``costs``
-    says which): every model on one plot, dynamic models as curves over their policy settings,
-    static models as points, the Pareto frontier as a dashed black line through ringed points."""
-    plots = []
+    says which), over the headline points only (:func:`reports.points.operating_points`: no
+    test-grid point): every model on one plot with its points' 95 % intervals as thin vertical
+    bars, the Pareto frontier as a dashed black line through black-ringed points, points
+    indistinguishable from it ringed in grey."""
+    out = []
     for cost in costs:
-        unit = COST_UNITS[cost]
-        points = tables.operating_points(frame, cost)
-        if points.empty:
-            continue
-        groups = ["dataset"] if cost == "macs" else ["dataset", "device"]
-        for key, sub in points.groupby(groups, sort=True):
-            key = key if isinstance(key, tuple) else (key,)
-            where = " / ".join(str(k) for k in key)
-            name = f"accuracy_vs_{cost}__{slug('__'.join(str(k) for k in key))}"
-            title = f"Top-1 accuracy vs {'MACs' if cost == 'macs' else 'latency'}: {where}"
-            caption = (f"x: {unit}; y: top-1 % on test. Curves: dynamic models over their policy thresholds "
-                       f"(policy_top1 with {'expected_macs' if cost == 'macs' else 'the policy stream latency'}); "
-                       "markers: static models (last exit) or forced exits; dashed black: Pareto frontier.")
-            hidden = sub[sub["cost"] <= 0] if _wants_log(sub["cost"]) else sub.iloc[:0]
-            if not hidden.empty:  # a log axis cannot show them; they stay in the tables
-                caption += (" Not drawn at cost 0 on the log axis: "
-                            f"{', '.join(dict.fromkeys(hidden['label'].astype(str)))}.")
-            plots.append(save(_tradeoff_figure(sub.drop(hidden.index), unit), folder, name, title, caption))
-    return plots
+        what = "expected_macs" if cost == "macs" else "its policy stream"
+        caption = (f"x: {COST_UNITS[cost]} ({what} for a policy point); y: top-1 % on test, bars: its 95 % "
+                   "Wilson interval. In: the points not chosen on test: thresholds fitted on validation (budget "
+                   "fits) and learned decisions (squares), trained attribute values and forced exits (lines "
+                   "per model), static models (diamonds, last exit). Out: threshold grid points scored on test "
+                   "(their own 'test grid' figure). Dashed black: the Pareto frontier of these points (ringed "
+                   "black); ringed grey: off the frontier, but its interval reaches the frontier at its cost "
+                   "(indistinguishable from it on this test set).")
+        out += _cost_figures(tables.operating_points(frame, cost), cost, "", caption)
+    return out
+
+
+def grid_figures(frame: pd.DataFrame) -> list[CostFigure]:
+    """Top-1 vs MACs per dataset over the test-grid points only (:func:`reports.points.grid_points`):
+    each model's threshold grid as a curve with 95 % interval bars, no frontier."""
+    caption = ("x: MACs per image (expected_macs); y: top-1 % on test, bars: its 95 % Wilson interval. Only "
+               "threshold grid points scored on test, one curve per model and policy: a view of the trade-off. "
+               "Picking a threshold by these test scores would be choosing on test (an oracle), so none of them "
+               "is in the summary, the headline plots or the Pareto frontier.")
+    return _cost_figures(tables.grid_points(frame, "macs"), "macs", GRID_TITLE, caption)
+
+
+def _cost_figures(points: pd.DataFrame, cost: str, subtitle: str, caption: str) -> list[CostFigure]:
+    """One figure per dataset (and device for latency) of ``points``."""
+    if points.empty:
+        return []
+    unit, out = COST_UNITS[cost], []
+    groups = ["dataset"] if cost == "macs" else ["dataset", "device"]
+    for key, sub in points.groupby(groups, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        where = " / ".join(str(k) for k in key)
+        stem = f"accuracy_vs_{cost}{'_test_grid' if subtitle else ''}"
+        name = f"{stem}__{slug('__'.join(str(k) for k in key))}"
+        title = f"Top-1 accuracy vs {'MACs' if cost == 'macs' else 'latency'}: {where}"
+        title += f": {subtitle}" if subtitle else ""
+        text = caption
+        hidden = sub[sub["cost"] <= 0] if _wants_log(sub["cost"]) else sub.iloc[:0]
+        if not hidden.empty:  # a log axis cannot show them; they stay in the tables
+            text += f" Not drawn at cost 0 on the log axis: {', '.join(dict.fromkeys(hidden['label'].astype(str)))}."
+        shown = sub.drop(hidden.index)
+        out.append(CostFigure(name, title, text, _tradeoff_figure(shown, unit), shown))
+    return out
 
 
 LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _marked(points: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of ``points`` whose boolean ``column`` is set (none when there is no such column)."""
+    return points[points[column].astype(bool)] if column in points else points.iloc[:0]
 
 
 def _tradeoff_figure(points: pd.DataFrame, unit: str) -> Figure:
@@ -137,18 +191,24 @@ def _tradeoff_figure(points: pd.DataFrame, unit: str) -> Figure:
     swept = points[(points["source"] == "policy") & points["threshold"].notna()]
     styles = {p: LINESTYLES[i % len(LINESTYLES)] for i, p in enumerate(dict.fromkeys(swept["policy"]))}
     for label in labels:
-        _model_points(ax, points[points["label"] == label].sort_values("cost"), colors[label], label, styles)
-    front = points[points["pareto"]].sort_values(["cost", "accuracy"])
+        _model_points(ax, points[points["label"] == label].sort_values("cost"), colors[label], styles)
+    front = _marked(points, "pareto").sort_values(["cost", "accuracy"])
     if not front.empty:
         ax.step(front["cost"], front["accuracy"], where="post", color="black", ls="--", lw=1.2, label="Pareto frontier")
         ax.plot(front["cost"], front["accuracy"], "o", mfc="none", mec="black", ms=11, mew=1.4)
+    near = _marked(points, "near_frontier")
+    if not near.empty:
+        ax.plot(near["cost"], near["accuracy"], "o", mfc="none", mec="grey", ms=11, mew=1.2,
+                label="interval reaches the frontier")
     _xscale(ax, points["cost"])
     if "MACs" in unit:
         ax.xaxis.set_major_formatter(EngFormatter(sep=" "))
     ax.set_xlabel(unit)
     ax.set_ylabel("top-1 %")
     handles = [_model_handle(points[points["label"] == label], colors[label], label) for label in labels]
-    handles += ax.get_legend_handles_labels()[0]  # the frontier
+    handles += ax.get_legend_handles_labels()[0]  # the frontier and the near-frontier rings
+    if points["ci_high"].notna().any():
+        handles.append(Line2D([], [], color="grey", marker="|", ms=10, ls="none", label="top-1 95 % interval"))
     if len(styles) > 1:  # which line style is which policy's sweep
         handles += [Line2D([], [], color="grey", ls=ls, label=mpl_text(f"sweep: {p}")) for p, ls in styles.items()]
     if ((points["source"] == "policy") & points["threshold"].isna()).any():
@@ -164,9 +224,22 @@ def _model_handle(sub: pd.DataFrame, color: Any, label: str) -> Line2D:
     return Line2D([], [], color=color, marker="o", ls="-", ms=4, lw=1.5, label=mpl_text(label))
 
 
-def _model_points(ax: Any, sub: pd.DataFrame, color: Any, label: str, styles: dict[str, str]) -> None:
-    """One model's points: a line per threshold sweep (or over forced exits), squares for settings
-    without a threshold (fitted to a budget on validation, or learned), diamonds for static models."""
+def _error_bars(ax: Any, sub: pd.DataFrame, color: Any) -> None:
+    """Thin vertical bars from ``ci_low`` to ``ci_high`` at each point's cost (points with both)."""
+    part = sub[sub["ci_low"].notna() & sub["ci_high"].notna()]
+    if part.empty:
+        return
+    acc = part["accuracy"].to_numpy(float)
+    yerr = np.vstack([acc - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - acc])
+    ax.errorbar(part["cost"].to_numpy(float), acc, yerr=np.clip(yerr, 0.0, None), fmt="none", ecolor=color,
+                elinewidth=0.8, capsize=0, alpha=0.8)
+
+
+def _model_points(ax: Any, sub: pd.DataFrame, color: Any, styles: dict[str, str]) -> None:
+    """One model's points with their interval bars: a line per threshold sweep (or over forced
+    exits), squares for settings without a threshold (fitted to a budget on validation, or
+    learned), diamonds for static models."""
+    _error_bars(ax, sub, color)
     curves = sub[(sub["source"] == "exit") | ((sub["source"] == "policy") & sub["threshold"].notna())]
     drawn = []
     for policy, curve in curves.groupby("policy", sort=False):

@@ -6,15 +6,35 @@ Definitions
   ``threshold`` (the same two fields on every row of that point: ``policy_top1``,
   ``expected_macs``, its latency stream). Dynamic models: one point per policy setting,
   ``policy_top1`` (%) with the ``expected_macs`` (MACs per image) of the same (policy, threshold).
-  Static models: ``top1`` and ``macs`` of the last exit. A dynamic model without policy rows falls
-  back to its forced exits (``top1`` and ``macs`` per exit). For latency the cost is the mean ms
-  per call at batch 1: the ``latency`` row of the same (policy, threshold) for a policy point, the
-  forced path's for an exit point.
-- Chosen point: an operating point not chosen on test: its thresholds were fitted on validation
-  (``detail.fitted_on == "validation"``, e.g. a budget fit) or it has no threshold at all (the
-  learned decisions of a gated or routed model). Of several, the one most accurate on validation.
-- Pareto frontier: the points no other point dominates, where a dominates b when a costs no more,
-  is at least as accurate, and is strictly better in one of the two.
+  Static models: ``top1`` and ``macs`` of the last exit. A dynamic model without a policy point
+  that was not chosen on test (none at all, or only test-grid points) also gets its forced exits
+  (``top1`` and ``macs`` per exit). For latency the cost is the mean ms per call at batch 1: the
+  ``latency`` row of the same (policy, threshold) for a policy point, the forced path's for an exit
+  point. Every point carries the ``n``, ``ci_low`` and ``ci_high`` (95 % Wilson interval, %) of
+  its accuracy row (NaN for rows written before intervals were stored).
+- Selection (the ``selection`` column): where a point's setting came from.
+  "validation": its thresholds were fitted on validation (``detail.fitted_on == "validation"``,
+  e.g. a budget fit); "learned": the model's own decisions or a trained attribute value
+  (``fitted_on == "train"``, or no ``fitted_on`` and no threshold: the learned gates or router of
+  older rows); "fixed": a static model or a forced exit (nothing to choose); "test grid": every
+  other policy point, i.e. a threshold grid point scored on test (``fitted_on == "none (grid
+  point)"``, or a threshold of unknown origin). A test-grid point is a view of the trade-off;
+  picking one by its test score is choosing on test (an oracle).
+- Headline points: the operating points whose selection is not "test grid". The Pareto frontier,
+  the near-frontier marks, the headline plots and the points tables use only these;
+  :func:`grid_points` holds the rest.
+- Chosen point: per model, a policy point whose selection is "validation", or "learned" without a
+  threshold (a trained attribute value is one of several and nothing outside test ranks them). Of
+  several, the one most accurate on validation (``detail.validation_top1``; ties: the cheaper on
+  validation).
+- Pareto frontier: the headline points no other headline point dominates, where a dominates b
+  when a costs no more, is at least as accurate, and is strictly better in one of the two; per
+  dataset for MACs, per dataset and device for latency.
+- Near the frontier (``near_frontier``): a headline point p not on the frontier whose interval
+  reaches the frontier at its cost: ``ci_high(p) >= F(p)``, where F(p) is the largest accuracy of
+  a frontier point (same dataset, and device for latency) that costs no more than p (the height of
+  the frontier's step line at p's cost). Such a point cannot be told apart from the frontier on
+  this test set. False for points on the frontier and for points without an interval.
 """
 
 from __future__ import annotations
@@ -29,7 +49,10 @@ import pandas as pd
 from harness.results import detail_of
 from reports.frame import GROUP, STATIC_KINDS, batch_one, metric_rows, none_if_nan, threshold_key
 
-POINT_COLUMNS = [*GROUP, "kind", "source", "policy", "threshold", "exit", "cost", "accuracy"]
+POINT_COLUMNS = [*GROUP, "kind", "source", "selection", "policy", "threshold", "exit", "cost", "accuracy", "n",
+                 "ci_low", "ci_high"]
+TEST_GRID = "test grid"
+SELECTIONS = ("validation", "learned", "fixed", TEST_GRID)
 
 
 def pareto_mask(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndarray:
@@ -52,28 +75,74 @@ def pareto_mask(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndarr
     return mask
 
 
+def near_frontier_mask(costs: Sequence[float], accuracies: Sequence[float], ci_high: Sequence[float],
+                       on_frontier: Sequence[bool]) -> np.ndarray:
+    """True for each point off the frontier whose interval's upper end ``ci_high`` reaches F, the
+    largest accuracy of a frontier point (``on_frontier``) that costs no more than it (see the
+    module docstring). Points with a NaN cost, accuracy or ``ci_high`` are never marked."""
+    c, a, hi = (np.asarray(x, dtype=float) for x in (costs, accuracies, ci_high))
+    front = np.asarray(on_frontier, dtype=bool)
+    if not c.shape == a.shape == hi.shape == front.shape:
+        raise ValueError(f"near_frontier_mask needs equal lengths, got {c.shape}, {a.shape}, {hi.shape}, "
+                         f"{front.shape}")
+    mask = np.zeros(c.shape, dtype=bool)
+    front_cost, front_acc = c[front], a[front]
+    for i in np.flatnonzero(~front & np.isfinite(c) & np.isfinite(a) & np.isfinite(hi)):
+        cheaper = front_acc[front_cost <= c[i]]
+        mask[i] = bool(cheaper.size) and hi[i] >= cheaper.max()
+    return mask
+
+
+def point_selection(source: str, threshold: Any, detail: Any) -> str:
+    """Where a point's setting came from: "validation", "learned", "fixed" or "test grid" (see
+    the module docstring). ``source``: "policy", "exit" or "static"."""
+    if source != "policy":
+        return "fixed"
+    fitted_on = detail_of(detail).get("fitted_on")
+    if fitted_on == "validation":
+        return "validation"
+    if fitted_on == "train" or (fitted_on is None and none_if_nan(threshold) is None):
+        return "learned"
+    return TEST_GRID
+
+
 def operating_points(frame: pd.DataFrame, cost: str = "macs") -> pd.DataFrame:
-    """Accuracy-vs-cost points of every model (see the module docstring), with a ``pareto`` column
-    marking the frontier over all shown runs and models per dataset (and per device for latency).
-    ``cost``: "macs" (MACs per image) or "latency" (ms per call, batch 1)."""
-    return _points_with_detail(frame, cost).drop(columns=["detail"])
+    """The headline points of every model (selection not "test grid"; see the module docstring),
+    with ``pareto`` (on the frontier over all shown runs and models per dataset, and per device for
+    latency) and ``near_frontier``. ``cost``: "macs" (MACs per image) or "latency" (ms per call,
+    batch 1)."""
+    points = _points_with_detail(frame, cost)
+    points = points[points["selection"] != TEST_GRID].reset_index(drop=True)
+    points["pareto"], points["near_frontier"] = False, False
+    groups = ["dataset"] if cost == "macs" else ["dataset", "device"]
+    for _, sel in points.groupby(groups, dropna=False) if not points.empty else ():
+        front = pareto_mask(sel["cost"].to_numpy(), sel["accuracy"].to_numpy())
+        points.loc[sel.index, "pareto"] = front
+        points.loc[sel.index, "near_frontier"] = near_frontier_mask(sel["cost"], sel["accuracy"], sel["ci_high"],
+                                                                    front)
+    return points.drop(columns=["detail"])
+
+
+def grid_points(frame: pd.DataFrame, cost: str = "macs") -> pd.DataFrame:
+    """The test-grid points of every model (threshold grid points scored on test; see the module
+    docstring), same columns as :func:`operating_points` without the frontier marks: a view of
+    the trade-off, not for model selection."""
+    points = _points_with_detail(frame, cost)
+    return points[points["selection"] == TEST_GRID].reset_index(drop=True).drop(columns=["detail"])
 
 
 def _points_with_detail(frame: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """Every operating point (test grid included) with its ``selection`` and accuracy ``detail``."""
     if cost not in ("macs", "latency"):
         raise ValueError(f"cost must be 'macs' or 'latency', got {cost!r}")
     records: list[dict[str, Any]] = []
     for key, sub in frame.groupby(GROUP, dropna=False, sort=True) if not frame.empty else ():
         base = {**dict(zip(GROUP, key)), "kind": sub["kind"].iloc[0]}
-        points = _policy_points(sub, cost) or _exit_points(sub, cost, base["kind"])
+        points = _policy_points(sub, cost)
+        if all(p["selection"] == TEST_GRID for p in points):
+            points += _exit_points(sub, cost, base["kind"])
         records.extend({**base, **p} for p in points)
-    points = pd.DataFrame(records, columns=[*POINT_COLUMNS, "detail"])
-    points["pareto"] = False
-    groups = ["dataset"] if cost == "macs" else ["dataset", "device"]
-    if not points.empty:
-        for _, sel in points.groupby(groups, dropna=False):
-            points.loc[sel.index, "pareto"] = pareto_mask(sel["cost"].to_numpy(), sel["accuracy"].to_numpy())
-    return points
+    return pd.DataFrame(records, columns=[*POINT_COLUMNS, "detail"])
 
 
 def _point_costs(sub: pd.DataFrame, cost: str) -> dict[tuple[str, float | None], float]:
@@ -86,6 +155,12 @@ def _point_costs(sub: pd.DataFrame, cost: str) -> dict[tuple[str, float | None],
     return {(p, threshold_key(t)): float(v) for p, t, v in zip(rows["policy"], rows["threshold"], rows["value"])}
 
 
+def _interval(row: Any) -> dict[str, float]:
+    """``n``, ``ci_low`` and ``ci_high`` of an accuracy row (NaN where absent)."""
+    return {k: float(getattr(row, k)) if pd.notna(getattr(row, k, np.nan)) else np.nan
+            for k in ("n", "ci_low", "ci_high")}
+
+
 def _policy_points(sub: pd.DataFrame, cost: str) -> list[dict[str, Any]]:
     acc = metric_rows(sub, "policy_top1")
     acc = acc[acc["split"].isin(["test", ""])]
@@ -93,12 +168,13 @@ def _policy_points(sub: pd.DataFrame, cost: str) -> list[dict[str, Any]]:
         return []
     costs = _point_costs(sub, cost)
     out = []
-    for policy, threshold, value, detail in zip(acc["policy"], acc["threshold"], acc["value"], acc["detail"]):
-        c = costs.get((policy, threshold_key(threshold)))
+    for row in acc.itertuples(index=False):
+        c = costs.get((row.policy, threshold_key(row.threshold)))
         if c is None:
             continue
-        out.append({"source": "policy", "policy": policy, "threshold": none_if_nan(threshold), "exit": None,
-                    "cost": c, "accuracy": float(value), "detail": detail})
+        out.append({"source": "policy", "selection": point_selection("policy", row.threshold, row.detail),
+                    "policy": row.policy, "threshold": none_if_nan(row.threshold), "exit": None, "cost": c,
+                    "accuracy": float(row.value), **_interval(row), "detail": row.detail})
     return out
 
 
@@ -109,14 +185,15 @@ def _exit_points(sub: pd.DataFrame, cost: str, kind: str) -> list[dict[str, Any]
     c = c[c["policy"] == ""]
     if acc.empty or c.empty:
         return []
-    acc_by_exit = {int(e) if pd.notna(e) else 0: v for e, v in zip(acc["exit"], acc["value"])}
+    acc_by_exit = {int(r.exit) if pd.notna(r.exit) else 0: r for r in acc.itertuples(index=False)}
     cost_by_exit = {int(e) if pd.notna(e) else 0: v for e, v in zip(c["exit"], c["value"])}
     exits = sorted(set(acc_by_exit) & set(cost_by_exit))
     if kind in STATIC_KINDS and exits:
         exits = [max(exits)]
     source = "static" if kind in STATIC_KINDS or len(exits) == 1 else "exit"
-    return [{"source": source, "policy": "", "threshold": None, "exit": k, "cost": float(cost_by_exit[k]),
-             "accuracy": float(acc_by_exit[k]), "detail": ""} for k in exits]
+    return [{"source": source, "selection": "fixed", "policy": "", "threshold": None, "exit": k,
+             "cost": float(cost_by_exit[k]), "accuracy": float(acc_by_exit[k].value), **_interval(acc_by_exit[k]),
+             "detail": ""} for k in exits]
 
 
 def _validation_rank(detail: Any, cost: float) -> tuple[float, float]:
@@ -129,10 +206,10 @@ def _validation_rank(detail: Any, cost: float) -> tuple[float, float]:
 
 
 def is_chosen(policy: str, threshold: Any, detail: Any) -> bool:
-    """Whether a policy point was chosen without looking at test (see the module docstring)."""
-    fitted_on = detail_of(detail).get("fitted_on")
-    learned = none_if_nan(threshold) is None and fitted_on in (None, "train")  # a model's own gates or router
-    return bool(policy) and (fitted_on == "validation" or learned)
+    """Whether a policy point may be a model's chosen point (see the module docstring): selection
+    "validation", or "learned" without a threshold."""
+    selection = point_selection("policy", threshold, detail) if policy else "fixed"
+    return selection == "validation" or (selection == "learned" and none_if_nan(threshold) is None)
 
 
 def chosen_points(frame: pd.DataFrame) -> pd.DataFrame:

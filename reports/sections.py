@@ -2,8 +2,10 @@
 
 Every builder takes the :class:`ReportContext` and returns a :class:`~reports.blocks.Body` (or
 None when the section has nothing to show and is left out). :data:`SECTIONS` lists them in page
-order with their titles: the headline (accuracy vs MACs with the Pareto frontier) and the summary
-per model are open; every other section is a collapsed ``<details>``.
+order with their titles: the headline (accuracy vs MACs with the Pareto frontier, over points not
+chosen on test) and the summary per model are open; every other section is a collapsed
+``<details>``. Threshold grid points scored on test appear only in their own collapsed part of the
+trade-offs section (see :mod:`reports.points`, selection).
 
 Which metrics a section shows comes from the catalogue groups in :data:`SECTION_GROUPS`; the
 "Other metrics" section shows rows of every metric none of those groups holds.
@@ -100,9 +102,13 @@ def section_headline(ctx: ReportContext) -> Body:
     if not made:
         return Body([Note("No accuracy-vs-MACs points: needs top1/policy_top1 rows with macs/expected_macs.")])
     return Body([*ctx.figures(made),
-                 Note("A point is on the Pareto frontier when no other point is at least as accurate for no more "
-                      "MACs with one of the two strictly better. Points of a threshold sweep are scored on test: a "
-                      "view of the trade-off, not a choice; the summary's chosen point is fitted without test.")])
+                 Note("Only points not chosen on test: thresholds fitted on validation, learned decisions and "
+                      "trained attribute values, static models and forced exits. A point is on the Pareto frontier "
+                      "when no other such point is at least as accurate for no more MACs with one of the two "
+                      "strictly better; a point off it is indistinguishable from it when its 95 % interval reaches "
+                      "the most accurate frontier point costing no more. Threshold grid points scored on test are "
+                      "left out here (a choice among them would be made on test); they are shown apart under "
+                      "'Accuracy vs cost', test grid.")])
 
 
 def section_summary(ctx: ReportContext) -> Body:
@@ -126,23 +132,50 @@ def section_summary(ctx: ReportContext) -> Body:
 
 # ----- collapsed sections ----------------------------------------------------------------------------
 
+POINT_NAMES = {"ci_low": "top1 95% CI low", "ci_high": "top1 95% CI high", "near_frontier": "near frontier"}
+
+
 def section_tradeoffs(ctx: ReportContext) -> Body:
     blocks = ctx.figures(plots.plot_tradeoffs(ctx.frame, ctx.folder, costs=("latency",)))
     for cost, title in (("macs", "MACs per image"), ("latency", "latency ms per call, batch 1")):
         points = tables.operating_points(ctx.frame, cost)
         if points.empty:
             continue
-        front = points[points["pareto"]].sort_values(["dataset", "device", "cost"]).drop(columns=["pareto"])
-        named = {"cost": title, "accuracy": "top1 %"}
+        front = points[points["pareto"]].sort_values(["dataset", "device", "cost"])
+        named = {**POINT_NAMES, "cost": title, "accuracy": "top1 %"}
         blocks += [Heading(f"Pareto frontier: top-1 vs {title}"),
-                   *ctx.table(front.rename(columns=named), f"pareto_{cost}"),
-                   Details(f"all {len(points)} operating points (frontier marked)",
+                   *ctx.table(front.drop(columns=["pareto", "near_frontier"]).rename(columns=named),
+                              f"pareto_{cost}"),
+                   Details(f"all {len(points)} points not chosen on test (frontier marked)",
                            ctx.table(points.rename(columns=named), f"points_{cost}", highlight="pareto"))]
-    if not blocks:
+    grid = _test_grid(ctx)
+    if not blocks and not grid:
         return Body([Note("Needs top1/policy_top1 rows with macs/expected_macs or latency rows.")])
-    blocks.append(Note("Latency points: the policy stream's mean ms per call at batch 1 of the same policy and "
-                       "threshold; the frontier for latency is per dataset and device."))
-    return Body(blocks)
+    if blocks:
+        blocks.append(Note("Points and frontiers above: only points not chosen on test (selection: validation, "
+                           "learned or fixed), with the 95 % Wilson interval of their test top-1; 'near frontier': "
+                           "off the frontier, but the interval's upper end reaches the most accurate frontier point "
+                           "that costs no more. Latency points: the policy stream's mean ms per call at batch 1 of "
+                           "the same policy and threshold; the frontier for latency is per dataset and device."))
+    return Body(blocks + grid)
+
+
+def _test_grid(ctx: ReportContext) -> list:
+    """The threshold grid points scored on test, apart: figures and tables in a collapsed part."""
+    parts = ctx.figures(plots.plot_test_grid(ctx.frame, ctx.folder))
+    count = 0
+    for cost, title in (("macs", "MACs per image"), ("latency", "latency ms per call, batch 1")):
+        grid = tables.grid_points(ctx.frame, cost)
+        count = count or len(grid)
+        parts += ctx.table(grid.rename(columns={**POINT_NAMES, "cost": title, "accuracy": "top1 %"}),
+                           f"test_grid_{cost}", f"Test-grid points by {title}")
+    if not parts:
+        return []
+    note = Note("Threshold grid points scored on test (detail.fitted_on 'none (grid point)'): a view of the "
+                "trade-off, not for model selection; picking one by its test score would be choosing on test. None "
+                "of them is in the summary, the headline plots, the Pareto frontier or the points tables above.")
+    return [Heading("Test grid (not for model selection)"),
+            Details(f"{count} threshold grid points scored on test: figure and tables", [note, *parts])]
 
 
 def section_errors(ctx: ReportContext) -> Body:
@@ -217,9 +250,17 @@ def section_memory(ctx: ReportContext) -> Body | None:
 def section_dynamic(ctx: ReportContext) -> Body | None:
     frame = ctx.frame
     exits, skips, experts = tables.exit_histograms(frame), tables.skip_rates(frame), tables.expert_loads(frame)
-    if exits.empty and skips.empty and experts.empty:
+    parts = tables.cost_decomposition(frame)
+    if exits.empty and skips.empty and experts.empty and parts.empty:
         return None
     blocks = []
+    if not parts.empty:
+        blocks += [Heading("Cost, decomposed"),
+                   Note("Per operating point not chosen on test: mean MACs per image of the backbone that ran, of "
+                        "the exit heads and gates/routers evaluated (heads of exits not taken included), and the "
+                        "share of the full network (the last forced exit, heads included) avoided; 'vs forward()' "
+                        "against the plain backbone path where that path is fixed."),
+                   *ctx.table(parts, "cost_decomposition")]
     for title, table, fn, name in (("Exit histograms", exits, plots.plot_exit_histograms, "exit_histograms"),
                                    ("Skip rates", skips, plots.plot_skip_rates, "skip_rates"),
                                    ("Expert load", experts, plots.plot_expert_load, "expert_load")):

@@ -10,7 +10,8 @@ Definitions
 -----------
 - Last exit: the highest ``exit`` of a model's ``top1``/``macs`` rows (the full network; a static
   model's only exit, 0).
-- Operating points, chosen points and the Pareto frontier: see :mod:`reports.points`.
+- Operating points, their selection, chosen points, the Pareto frontier and the near-frontier
+  marks: see :mod:`reports.points`.
 
 Loading (:mod:`reports.frame`), operating points (:mod:`reports.points`), reference numbers
 (:mod:`reports.reference`) and formatting (:mod:`reports.formatting`) are re-exported here.
@@ -19,6 +20,7 @@ Loading (:mod:`reports.frame`), operating points (:mod:`reports.points`), refere
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,16 +40,28 @@ from reports.frame import (
     merge_all,
     metric_rows,
     model_kinds,
+    none_if_nan,
     run_label,
+    threshold_key,
 )
-from reports.points import chosen_points, latency_vs_predicted, operating_points, pareto_mask
+from reports.points import (
+    chosen_points,
+    grid_points,
+    latency_vs_predicted,
+    near_frontier_mask,
+    operating_points,
+    pareto_mask,
+    point_selection,
+)
 from reports.reference import measured_for, reference_table
 
 __all__ = [
     "GROUP", "STATIC_KINDS", "RunData", "check_run_dir", "detail_of", "load_runs", "combined_rows", "model_kinds",
-    "last_exit_values", "operating_points", "pareto_mask", "chosen_points", "latency_vs_predicted",
+    "last_exit_values", "operating_points", "grid_points", "pareto_mask", "near_frontier_mask", "point_selection",
+    "chosen_points", "latency_vs_predicted",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
-    "summary_table", "brief_summary", "per_exit_table", "latency_table", "memory_table", "error_table",
+    "summary_table", "brief_summary", "cost_decomposition", "per_exit_table", "latency_table", "memory_table",
+    "error_table",
     "exit_histograms", "skip_rates", "expert_loads", "pattern_table", "rows_table", "other_metrics_table",
 ]
 
@@ -250,6 +264,33 @@ def expert_loads(frame: pd.DataFrame) -> pd.DataFrame:
                         "load": row.value})
     out = pd.DataFrame(records, columns=[*GROUP, "policy", "layer", "expert", "load"])
     return out.sort_values(GROUP + ["policy", "layer", "expert"]).reset_index(drop=True) if not out.empty else out
+
+
+DECOMPOSITION_PARTS = {"expected_macs": "MACs", "expected_macs_backbone": "backbone MACs",
+                       "expected_macs_heads": "heads MACs", "expected_macs_gating": "gates/routers MACs",
+                       "macs_avoided_fraction": "share of full network avoided"}
+
+
+def cost_decomposition(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per headline operating point (not the test grid): expected MACs and their parts (backbone
+    that ran, exit heads and gates/routers evaluated) and the share of the full network avoided;
+    ``vs forward()``: the share avoided relative to the plain backbone path, where it is fixed."""
+    from reports.points import TEST_GRID
+
+    wide: dict[tuple, dict[str, Any]] = {}
+    for row in frame[frame["metric"].isin(list(DECOMPOSITION_PARTS))].itertuples():
+        key = (*(getattr(row, g) for g in GROUP), row.policy, threshold_key(row.threshold))
+        entry = wide.setdefault(key, {**{g: getattr(row, g) for g in GROUP}, "policy": row.policy,
+                                      "threshold": none_if_nan(row.threshold)})
+        entry[DECOMPOSITION_PARTS[row.metric]] = row.value
+        if row.metric == "macs_avoided_fraction":
+            entry["avoided vs forward()"] = detail_of(row.detail).get("avoided_vs_forward")
+    accuracy = metric_rows(frame, "policy_top1")
+    chosen = {(*(getattr(r, g) for g in GROUP), r.policy, threshold_key(r.threshold))
+              for r in accuracy.itertuples() if point_selection("policy", r.threshold, r.detail) != TEST_GRID}
+    columns = [*GROUP, "policy", "threshold", *DECOMPOSITION_PARTS.values(), "avoided vs forward()"]
+    out = pd.DataFrame([v for k, v in wide.items() if k in chosen and "backbone MACs" in v], columns=columns)
+    return out.sort_values([*GROUP, "MACs"]).reset_index(drop=True) if not out.empty else out
 
 
 def pattern_table(frame: pd.DataFrame) -> pd.DataFrame:

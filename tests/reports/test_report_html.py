@@ -14,9 +14,11 @@ from reports.tables import BRIEF_COLUMNS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_vs_macs__digits16", "accuracy_vs_latency__digits16__cpu", "per_exit", "exit_histograms",
-         "skip_rates", "expert_load", "fractal_patterns", "pattern_complexity", "latency_vs_predicted__cpu")
+         "skip_rates", "expert_load", "fractal_patterns", "pattern_complexity", "latency_vs_predicted__cpu",
+         "accuracy_vs_macs_test_grid__digits16")
 TABLES = ("summary", "summary_brief", "reference", "errors", "per_exit", "latency", "memory", "pareto_macs",
-          "pareto_latency", "points_macs", "exit_histograms", "skip_rates", "expert_load", "pattern_analysis",
+          "pareto_latency", "points_macs", "test_grid_macs", "test_grid_latency", "exit_histograms", "skip_rates",
+          "expert_load", "pattern_analysis",
           "training", "latency_vs_predicted", "cost_other", "latency_other", "other_metrics")
 ESCAPED_LABEL = "&lt;script&gt;alert(1)&lt;/script&gt;"
 
@@ -150,10 +152,11 @@ def test_report_contents(reported_run):
         assert f">{heading}<" in text, heading
     assert "Pareto frontier: top-1 vs MACs per image" in text
     front = text.split("Pareto frontier: top-1 vs MACs per image", 1)[1].split("</table>", 1)[0]
-    # on the MACs frontier: moe, branchynet's sweep, resnet20 (labelled with the evil label), fractalbrainnet
-    for label in ("moe", "branchynet", ESCAPED_LABEL, "fractalbrainnet"):
+    # on the MACs frontier (no test-grid point): moe, branchynet's budget fit, skipnet's gates (dominated only
+    # by test-scored sweep points), resnet20 (labelled with the evil label), fractalbrainnet
+    for label in ("moe", "confidence@budget0.5", "skipnet", ESCAPED_LABEL, "fractalbrainnet"):
         assert label in front
-    assert "skipnet" not in front  # dominated by branchynet's sweep
+    assert ">confidence<" not in front and "top1 95% CI high" in front
     assert "He et al. 2016, table 6" in text and "Test CPU" in text and "deadbeef" in text
 
 

@@ -33,28 +33,36 @@ def test_pareto_mask_edge_cases():
 
 
 def test_operating_points_pair_policy_accuracy_with_its_expected_macs(run_dir):
-    points = tables.operating_points(frame_of(run_dir), "macs")
-    bn = points[(points["label"] == "branchynet") & (points["policy"] == "confidence")].set_index("threshold")
+    frame = frame_of(run_dir)
+    points, grid = tables.operating_points(frame, "macs"), tables.grid_points(frame, "macs")
+    # the confidence sweep is scored on test: only in the test-grid view, never among the headline points
+    assert "confidence" not in set(points["policy"]) and set(grid["policy"]) == {"confidence"}
+    bn = grid[grid["label"] == "branchynet"].set_index("threshold")
     # fixture: threshold 0.9 -> exit fractions (0.15, 0.51, 0.34) of exits costing 10M/25M/40M MACs
     assert bn.loc[0.9, "cost"] == pytest.approx(0.15 * 10e6 + 0.51 * 25e6 + 0.34 * 40e6)
     assert bn.loc[0.9, "accuracy"] == pytest.approx(0.15 * 84 + 0.51 * 90 + 0.34 * 92.5)
+    assert bn.loc[0.9, "ci_high"] == pytest.approx(accuracy_interval(bn.loc[0.9, "accuracy"], 1000)[1])
     static = points[points["label"] == "resnet20"]
-    assert static[["source", "cost", "accuracy"]].values.tolist() == [["static", 40_550_400.0, 91.2]]
+    assert static[["source", "selection", "cost", "accuracy"]].values.tolist() == \
+        [["static", "fixed", 40_550_400.0, 91.2]]
     # the frontier is recomputed independently from the points
     assert points["pareto"].tolist() == tables.pareto_mask(points["cost"], points["accuracy"]).tolist()
-    assert set(points.loc[points["pareto"], "label"]) == {"moe", "branchynet", "resnet20", "fractalbrainnet"}
+    # without the sweep, skipnet's gates (30M, 88.5 %) are no longer dominated by a test-scored point
+    assert set(points.loc[points["pareto"], "label"]) == {"moe", "branchynet", "skipnet", "resnet20",
+                                                          "fractalbrainnet"}
 
 
 def test_latency_points_match_policy_streams_by_policy_and_threshold(run_dir):
     frame = frame_of(run_dir)
-    points = tables.operating_points(frame, "latency")
+    points, grid = tables.operating_points(frame, "latency"), tables.grid_points(frame, "latency")
     bn = points[points["label"] == "branchynet"].set_index("policy")
-    # streamed: (confidence, 0.9) of the sweep and the budget fit (confidence@budget0.5, no threshold);
-    # the other thresholds of the sweep have no stream, so no latency point
-    assert sorted(bn.index) == ["confidence", "confidence@budget0.5"] and bn.loc["confidence", "threshold"] == 0.9
+    # streamed: (confidence, 0.9) of the sweep (a test-grid point, apart) and the budget fit
+    # (confidence@budget0.5, no threshold); the other thresholds of the sweep have no stream
+    assert list(bn.index) == ["confidence@budget0.5"] and bn.loc["confidence@budget0.5", "accuracy"] == 88.0
+    assert grid[["label", "policy", "threshold"]].values.tolist() == [["branchynet", "confidence", 0.9]]
     streams = frame[(frame["metric"] == "latency") & (frame["label"] == "branchynet") & (frame["policy"] != "")]
-    assert bn.loc["confidence", "cost"] == streams.loc[streams["threshold"] == 0.9, "value"].item()
-    assert bn.loc["confidence@budget0.5", "accuracy"] == 88.0
+    assert grid["cost"].item() == streams.loc[streams["threshold"] == 0.9, "value"].item()
+    assert bn.loc["confidence@budget0.5", "cost"] == streams.loc[streams["threshold"].isna(), "value"].item()
     assert points.loc[points["label"] == "skipnet", "policy"].tolist() == ["gates"]
     assert points.loc[points["label"] == "moe", "policy"].tolist() == ["router"]
 
