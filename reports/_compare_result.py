@@ -18,9 +18,13 @@ NOTABLE = (REGRESSION, SLOWER, IMPROVED, MISSING, NEW)
 class Thresholds:
     """When a difference counts as a regression (see the module docstring).
 
-    accuracy_points: allowed drop in top-1/top-5 (percentage points).
+    accuracy_points: the accuracy drop (percentage points) that fails: caught when its upper
+    confidence limit reaches it and the estimate exceeds half of it (a fixed limit on the drop
+    when rows carry neither n nor per-sample outcomes).
     latency_ratio / memory_ratio: slowdown / growth factor candidate / baseline that fails.
-    p_value: significance level of the latency/memory tests.
+    p_value: significance level of the latency/memory tests and of the accuracy tests (after the
+    Holm adjustment over the accuracy rows of one comparison); the confidence limits are one-sided
+    at level 1 - p_value.
     exit_drift_p_value: significance level of the exit-histogram chi-square test.
     """
 
@@ -61,8 +65,10 @@ class Thresholds:
 
 @dataclass
 class MetricComparison:
-    """One compared quantity. ``status``: ok, REGRESSION, improved, slower (significant but below
-    the threshold), info, missing (baseline only) or new (candidate only)."""
+    """One compared quantity. ``status``: ok, REGRESSION, improved, slower (latency/memory:
+    significant but below the threshold), info, missing (baseline only) or new (candidate only).
+    ``p_value``: the test's one-sided p (latency/memory: candidate larger; accuracy: Holm-adjusted,
+    in the direction of the change); None without a test."""
 
     key: dict[str, Any]
     kind: str

@@ -1,5 +1,6 @@
-"""The two sides of :mod:`reports.compare`: loading a run directory, a baseline/results JSON file or a
-list of rows, and writing the committed baseline file of a run."""
+"""The two sides of :mod:`reports.compare`: loading a run directory (its rows and its per-sample
+outcomes, :mod:`harness.outcomes`), a baseline/results JSON file or a list of rows, and writing the
+committed baseline file of a run (rows only: a baseline file carries no outcomes)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness.outcomes import CellOutcomes, load_run_outcomes
 from harness.results import SCHEMA_VERSION, RunStore, atomic_write_json, detail_of
 
 BASELINE_DETAIL_KEYS = ("samples", "count", "exit_counts", "gate", "layer", "expert", "cost_unit", "thresholds",
@@ -17,13 +19,16 @@ BASELINE_DETAIL_KEYS = ("samples", "count", "exit_counts", "gate", "layer", "exp
 
 @dataclass
 class Source:
-    """One side of a comparison: its rows and the suite's ``compare`` section."""
+    """One side of a comparison: its rows, the suite's ``compare`` section and, for a run directory,
+    the per-sample outcomes of its cells (cell id -> :class:`~harness.outcomes.CellOutcomes`; ``{}``
+    for baseline files, row lists and runs written before outcomes existed)."""
 
     label: str
     rows: list[dict[str, Any]]
     compare: dict[str, Any] = field(default_factory=dict)
     suite: dict[str, Any] = field(default_factory=dict)
     metrics: frozenset[str] | None = None  # a baseline file written with a metric filter: the metrics it kept
+    outcomes: dict[str, CellOutcomes] = field(default_factory=dict)
 
 
 def load_source(source: Path | str | Sequence[Mapping[str, Any]] | Source, what: str = "input") -> Source:
@@ -49,7 +54,7 @@ def load_source(source: Path | str | Sequence[Mapping[str, Any]] | Source, what:
         suite = store.read_meta("suite.json")
         content = suite.get("content") if isinstance(suite.get("content"), dict) else {}
         return Source(str(path), store.rows(), dict(content.get("compare") or {}),
-                      {"name": suite.get("name"), "digest": suite.get("digest")})
+                      {"name": suite.get("name"), "digest": suite.get("digest")}, outcomes=load_run_outcomes(path))
     return _load_file(path, what)
 
 

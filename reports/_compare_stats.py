@@ -1,6 +1,8 @@
 """The statistics of :mod:`reports.compare`: the latency/memory slowdown tests (Mann-Whitney U with
-the Hodges-Lehmann ratio, a z-test on summary statistics, or the ratio alone) and the chi-square
-test of two exit histograms. See the rules in the docstring of :mod:`reports.compare`."""
+the Hodges-Lehmann ratio, a z-test on summary statistics, or the ratio alone), the chi-square
+test of two exit histograms, and the accuracy tests (McNemar's exact test on paired per-sample
+outcomes, Newcombe's interval with a two-proportion z-test on two independent sample sets, and the
+Holm-Bonferroni correction). See the rules in the docstring of :mod:`reports.compare`."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from harness.results import detail_of
+from harness.stats import Z95, wilson_interval
 
 MIN_SAMPLES = 3
 MAX_PAIRWISE = 2_000_000
@@ -18,8 +21,6 @@ MAX_PAIRWISE = 2_000_000
 
 def _num(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 
 
 @dataclass(frozen=True)
@@ -144,3 +145,132 @@ def exit_drift(base_counts: Sequence[float], cand_counts: Sequence[float]) -> fl
         return 1.0
     return float(chi2_contingency(np.vstack([b[used], c[used]]), correction=False).pvalue)
 
+
+
+# ----- accuracy: paired (McNemar), unpaired (Newcombe) and the Holm correction ---------------------------
+
+ACCURACY_EPS = 1e-9  # points: "reaches the threshold" forgives float rounding (1.0 computed as 0.99999...)
+
+
+@dataclass(frozen=True)
+class AccuracyTest:
+    """The test of one accuracy row pair (before the Holm adjustment).
+
+    diff: candidate - baseline in percentage points; low / high: its confidence limits, each a
+    one-sided bound at level 1 - p_value (None for the fixed-points rule); p_worse / p_better: the
+    one-sided p-values for "candidate lower" / "candidate higher" (None: no test); method: the test's
+    name; detail: what it counted (b and c, or the two n), for the note."""
+
+    diff: float
+    low: float | None
+    high: float | None
+    p_worse: float | None
+    p_better: float | None
+    method: str
+    detail: str
+
+
+def mcnemar_exact(b: int, c: int) -> tuple[float, float]:
+    """McNemar's exact test on the discordant pairs of two paired right/wrong vectors.
+
+    b: samples right in the baseline and wrong in the candidate; c: the reverse. Under "no
+    difference" each of the m = b + c discordant samples is a fair coin, so X ~ Binomial(m, 1/2) and
+    the one-sided p-values are (P(X >= b) for "candidate worse", P(X >= c) for "candidate better");
+    (1, 1) when m = 0. Example: b = 5, c = 0 gives 1/32 and 1."""
+    from scipy.stats import binom
+
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    m = b + c
+    if m == 0:
+        return 1.0, 1.0
+    return float(binom.sf(b - 1, m, 0.5)), float(binom.sf(c - 1, m, 0.5))
+
+
+def paired_difference(b: int, c: int, n: int, z: float) -> tuple[float, float, float]:
+    """(diff, low, high) of the paired accuracy difference candidate - baseline, in points.
+
+    diff = 100 (c - b) / n. The interval is conditional on the discordant count m = b + c: with
+    s = b / m the share of discordant samples the candidate lost, diff = 100 m (1 - 2 s) / n, so the
+    Wilson interval (s_low, s_high) of s at ``z`` maps to (100 m (1 - 2 s_high) / n, 100 m (1 - 2 s_low) / n).
+    It ignores the sampling variation of m itself; m = 0 gives the point (0, 0, 0)."""
+    if n <= 0 or b < 0 or c < 0 or b + c > n:
+        raise ValueError(f"need 0 <= b, c and b + c <= n > 0, got b={b}, c={c}, n={n}")
+    m = b + c
+    s_low, s_high = wilson_interval(b, m, z)
+    scale = 100.0 * m / n
+    return 100.0 * (c - b) / n, scale * (1 - 2 * s_high), scale * (1 - 2 * s_low)
+
+
+def newcombe_interval(x1: float, n1: int, x2: float, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (1998, method 10) for p1 - p2 of two independent proportions
+    x1 / n1 and x2 / n2 (as proportions): with (l_i, u_i) the Wilson interval of p_i at ``z``,
+    low = d - sqrt((p1 - l1)^2 + (u2 - p2)^2) and high = d + sqrt((u1 - p1)^2 + (p2 - l2)^2), d = p1 - p2.
+    Newcombe's Table II example: 56/70 - 48/80 at 95 % gives (0.0524, 0.3339)."""
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = wilson_interval(x1, n1, z)
+    l2, u2 = wilson_interval(x2, n2, z)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def two_proportion_z(x_base: float, n_base: int, x_cand: float, n_cand: int) -> tuple[float, float]:
+    """One-sided p-values (candidate lower, candidate higher) of the pooled two-proportion z-test:
+    z = (p_cand - p_base) / sqrt(q (1 - q) (1 / n_base + 1 / n_cand)), q = the pooled proportion;
+    (Phi(z), 1 - Phi(z)). (1, 1) when q is 0 or 1 (both sides all wrong or all right)."""
+    from scipy.stats import norm
+
+    q = (x_base + x_cand) / (n_base + n_cand)
+    se = math.sqrt(q * (1 - q) * (1 / n_base + 1 / n_cand))
+    if se == 0:
+        return 1.0, 1.0
+    z = (x_cand / n_cand - x_base / n_base) / se
+    return float(norm.cdf(z)), float(norm.sf(z))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni step-down adjusted p-values, in the order given: with p_(1) <= ... <= p_(m)
+    sorted, adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the
+    adjusted p < alpha keeps the family-wise error rate at most alpha. Example: (0.01, 0.04, 0.03)
+    gives (0.03, 0.06, 0.06)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out = [1.0] * len(pvalues)
+    running, m = 0.0, len(pvalues)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
+def paired_test(base_correct: np.ndarray, cand_correct: np.ndarray, p_value: float) -> AccuracyTest:
+    """McNemar's exact test and the paired interval of two right/wrong vectors of the same samples."""
+    from scipy.stats import norm
+
+    base_correct, cand_correct = np.asarray(base_correct, bool), np.asarray(cand_correct, bool)
+    b = int(np.count_nonzero(base_correct & ~cand_correct))
+    c = int(np.count_nonzero(~base_correct & cand_correct))
+    n = int(base_correct.size)
+    diff, low, high = paired_difference(b, c, n, float(norm.ppf(1 - p_value)))
+    p_worse, p_better = mcnemar_exact(b, c)
+    return AccuracyTest(diff, low, high, p_worse, p_better, "McNemar exact", f"b={b} c={c} of n={n}")
+
+
+def unpaired_test(base: float, n_base: int, cand: float, n_cand: int, p_value: float) -> AccuracyTest:
+    """Two accuracies (%) of independent sample sets: Newcombe's interval (Wilson at level
+    1 - p_value per side, counts = accuracy x n / 100) and the one-sided two-proportion z-test."""
+    from scipy.stats import norm
+
+    xb = min(n_base, max(0.0, base * n_base / 100.0))
+    xc = min(n_cand, max(0.0, cand * n_cand / 100.0))
+    low, high = newcombe_interval(xc, n_cand, xb, n_base, float(norm.ppf(1 - p_value)))
+    p_worse, p_better = two_proportion_z(xb, n_base, xc, n_cand)
+    return AccuracyTest(cand - base, 100.0 * low, 100.0 * high, p_worse, p_better, "Newcombe interval + z-test",
+                        f"n={n_base}/{n_cand}")
+
+
+def accuracy_flag(change: float, limit: float, p: float, points: float, p_value: float) -> bool:
+    """The accuracy rule in one direction: ``change`` (the drop, or the gain, in points) with the
+    confidence limit on its far side ``limit`` and its adjusted p. True when p < p_value AND
+    limit >= points (within ACCURACY_EPS) AND change > points / 2."""
+    return p < p_value and limit >= points - ACCURACY_EPS and change > points / 2

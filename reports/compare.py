@@ -13,8 +13,33 @@ sets below are derived from it, and a metric the catalogue does not know is info
 
 Rules (thresholds: suite ``compare`` section, then arguments; defaults in :class:`Thresholds`)
 -------------------------------------------------------------------------------------------------
-- Accuracy (kind ``accuracy``: top1, top5, policy_top1, top1_full; %): regression when the
-  candidate is more than ``accuracy_points`` percentage points lower.
+- Accuracy (kind ``accuracy``: top1, top5, policy_top1, top1_full; %) with P = ``accuracy_points``
+  and alpha = ``p_value``. The difference d = candidate - baseline (points) is estimated with a
+  confidence interval whose two limits are each one-sided bounds at level 1 - alpha, by the first
+  of these that applies:
+
+  * paired: both sides are run directories whose cells kept per-sample outcomes
+    (:mod:`harness.outcomes`) on the same test samples (equal sample digests), each with the
+    outcome of this row (and that outcome's accuracy equals the row's value). b = samples right in
+    the baseline and wrong in the candidate, c = the reverse, n = the samples. McNemar's exact test:
+    p = P(X >= b) with X ~ Binomial(b + c, 1/2) (p = 1 when b + c = 0); d = 100 (c - b) / n, its
+    interval the Wilson interval of the share b / (b + c) mapped to d (conditional on b + c).
+  * interval rule: not paired (the sample sets differ, or a side has no outcomes: a baseline file,
+    a run made before outcomes existed) but both rows have n: Newcombe's hybrid score interval
+    (method 10, from the two Wilson intervals) and the one-sided pooled two-proportion z-test.
+  * fixed points (neither): regression when the candidate is more than P points lower, improved
+    when more than P higher; no test, no p.
+
+  The Holm family is every accuracy row pair of one ``compare`` call that got a test (paired or
+  interval rule): their "candidate lower" p-values are Holm-Bonferroni adjusted together (and,
+  separately, their "candidate higher" p-values), so same-build noise flags some row of the whole
+  family at most at rate alpha. Regression when the adjusted p < alpha AND the drop's upper limit
+  reaches P AND the estimated drop exceeds P / 2; improved symmetrically. So a drop of exactly P is
+  caught when the samples are enough (100 of 10,000 right answers turned wrong: McNemar p = 2^-100,
+  upper limit exactly 1 point), and a significant drop of less than about P / 2 is not a regression:
+  it stays ok with the note "significant drop below the threshold". A row's p is the adjusted p of
+  the direction of its change (lower when d <= 0); its note names the test, b and c (or the two n),
+  why it is unpaired, the size of the Holm family and the interval of d.
 - Exact counts (kind ``count``: params, params_active, macs, flops, unit_macs, macs_fvcore,
   macs_oracle_error): any change is a regression.
 - Latency (kind ``timing``: latency, latency_masked, latency_overhead; ms) with ``latency_ratio``
@@ -56,11 +81,14 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from harness.catalogue import names
+from harness.outcomes import CellOutcomes
 from harness.results import detail_of
 from reports._compare_result import (
     IMPROVED,
@@ -79,21 +107,27 @@ from reports._compare_sources import BASELINE_DETAIL_KEYS, Source, load_source, 
 from reports._compare_stats import (
     MAX_PAIRWISE,
     MIN_SAMPLES,
+    AccuracyTest,
     RatioVerdict,
     _num,
+    accuracy_flag,
     compare_ratio,
     compare_samples,
     compare_summaries,
     exit_drift,
+    holm,
+    mcnemar_exact,
+    paired_test,
+    unpaired_test,
 )
 
 __all__ = [
-    "ACCURACY_METRICS", "BASELINE_DETAIL_KEYS", "Comparison", "DETAIL_KEYS", "DRIFT_METRICS", "ERROR_METRICS",
-    "EXACT_METRICS", "IMPROVED", "INFO", "INFO_METRICS", "KEY_FIELDS", "LATENCY_METRICS",
+    "ACCURACY_METRICS", "AccuracyTest", "BASELINE_DETAIL_KEYS", "Comparison", "DETAIL_KEYS", "DRIFT_METRICS",
+    "ERROR_METRICS", "EXACT_METRICS", "IMPROVED", "INFO", "INFO_METRICS", "KEY_FIELDS", "LATENCY_METRICS",
     "MACHINE_INDEPENDENT_METRICS", "MAX_PAIRWISE", "MEMORY_FLOOR_MIB", "MEMORY_METRICS", "MIN_SAMPLES", "MISSING",
     "MetricComparison", "NEW", "NOTABLE", "OK", "REGRESSION", "RatioVerdict", "SLOWER", "Source", "Thresholds",
     "compare", "compare_main", "compare_pair", "compare_ratio", "compare_samples", "compare_summaries", "exit_drift",
-    "load_source", "row_key", "write_baseline",
+    "holm", "load_source", "mcnemar_exact", "row_key", "write_baseline",
 ]
 
 # The metric sets of the rules, from the catalogue's kinds.
@@ -111,6 +145,7 @@ KEY_FIELDS = ("model", "variant", "dataset", "device", "batch_size", "exit", "po
 DETAIL_KEYS = {"gate_rate": ("gate",), "expert_load": ("layer", "expert"), "unit_macs": ("cost_unit",)}
 MEMORY_FLOOR_MIB = 0.5  # growth smaller than this is never a regression (RSS page and allocator noise)
 _CELL_FIELDS = ("model", "variant", "dataset", "device")
+_Outcomes = tuple[Mapping[str, CellOutcomes], Mapping[str, CellOutcomes]]  # (baseline's, candidate's)
 
 
 # ----- matching rows ---------------------------------------------------------------------------------
@@ -172,30 +207,39 @@ def compare(baseline: Any, candidate: Any, thresholds: Thresholds | Mapping[str,
         if len(cand_rows) < len(cand.rows):
             warnings.append(f"the baseline keeps only {', '.join(sorted(base.metrics))}; "
                             f"{len(cand.rows) - len(cand_rows)} candidate rows of other metrics are not compared")
-    results = _compare_rows(base.rows, cand_rows, th)
+    results = _compare_rows(base.rows, cand_rows, th, (base.outcomes, cand.outcomes))
     if not any(r.status not in (MISSING, NEW) for r in results) and base.rows and cand.rows:
         warnings.append("no row of the candidate matches a row of the baseline "
                         "(different models, datasets or devices?)")
     return Comparison(base.label, cand.label, th, results, warnings)
 
 
-def _compare_rows(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]],
-                  th: Thresholds) -> list[MetricComparison]:
+def _compare_rows(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], th: Thresholds,
+                  outcomes: _Outcomes = ({}, {})) -> list[MetricComparison]:
     results = _compare_errors(base_rows, cand_rows)
     separate = DRIFT_METRICS | ERROR_METRICS  # compared per histogram / per cell
     bi = _index(r for r in base_rows if r.get("metric") not in separate)
     ci = _index(r for r in cand_rows if r.get("metric") not in separate)
+    tested: list[tuple[int, AccuracyTest]] = []  # the Holm family: (index in results, test)
     for key, brow in bi.items():
         crow = ci.get(key)
         if crow is None:
             results.append(MetricComparison(_key_dict(brow), _kind(brow), brow.get("value"), None, "", MISSING,
                                             note="not in candidate"))
             continue
-        results.append(compare_pair(brow, crow, th))
+        result, test = _pair(brow, crow, th, outcomes)
+        if test is not None and test.p_worse is not None:
+            tested.append((len(results), test))
+        results.append(result)
     for key, crow in ci.items():
         if key not in bi:
             results.append(MetricComparison(_key_dict(crow), _kind(crow), None, crow.get("value"), "", NEW,
                                             note="not in baseline"))
+    worse = holm([t.p_worse for _, t in tested])
+    better = holm([t.p_better for _, t in tested])
+    for (i, test), p_worse, p_better in zip(tested, worse, better):
+        r = results[i]
+        results[i] = _accuracy_result(r.key, r.baseline, r.candidate, test, (p_worse, p_better), len(tested), th)
     results.extend(_compare_histograms(base_rows, cand_rows, th))
     return results
 
@@ -214,29 +258,95 @@ def _kind(row: Mapping[str, Any]) -> str:
     return "info"
 
 
-def compare_pair(brow: Mapping[str, Any], crow: Mapping[str, Any], th: Thresholds) -> MetricComparison:
-    """One matched pair of rows under the rules of the module docstring."""
+def compare_pair(brow: Mapping[str, Any], crow: Mapping[str, Any], th: Thresholds,
+                 outcomes: _Outcomes = ({}, {})) -> MetricComparison:
+    """One matched pair of rows under the rules of the module docstring. ``outcomes``: the
+    per-sample outcomes of the two runs (cell id -> CellOutcomes). An accuracy pair compared alone
+    is a Holm family of one (its raw p); :func:`compare` adjusts all accuracy pairs together."""
+    return _pair(brow, crow, th, outcomes)[0]
+
+
+def _pair(brow: Mapping[str, Any], crow: Mapping[str, Any], th: Thresholds,
+          outcomes: _Outcomes) -> tuple[MetricComparison, AccuracyTest | None]:
+    """:func:`compare_pair`, with the accuracy test of an accuracy pair (None for other pairs)."""
     kind, key = _kind(brow), _key_dict(brow)
     b, c = brow.get("value"), crow.get("value")
     if crow.get("error") and not brow.get("error"):
         return MetricComparison(key, kind, b, None, "", REGRESSION if kind != "info" else INFO,
-                                note=f"candidate measurement failed: {str(crow['error'])[:200]}")
+                                note=f"candidate measurement failed: {str(crow['error'])[:200]}"), None
     if not (_num(b) and _num(c)):
-        return MetricComparison(key, kind, b, c, "", INFO, note="no value to compare")
+        return MetricComparison(key, kind, b, c, "", INFO, note="no value to compare"), None
     b, c = float(b), float(c)
     if kind == "accuracy":
-        delta = c - b
-        status = REGRESSION if delta < -th.accuracy_points else IMPROVED if delta > th.accuracy_points else OK
-        return MetricComparison(key, kind, b, c, f"{delta:+.2f} pts", status,
-                                note=f"drop > {th.accuracy_points:g} pts" if status == REGRESSION else "")
+        test = _accuracy_test(brow, crow, th, outcomes)
+        return _accuracy_result(key, b, c, test, (test.p_worse, test.p_better), 1, th), test
     if kind == "exact":
         status = OK if c == b else REGRESSION
         return MetricComparison(key, kind, b, c, f"{c - b:+,.0f}" if c != b else "0", status,
-                                note="exact count changed" if status == REGRESSION else "")
+                                note="exact count changed" if status == REGRESSION else ""), None
     if kind in ("latency", "memory"):
-        return _compare_ratio_pair(brow, crow, key, kind, th)
+        return _compare_ratio_pair(brow, crow, key, kind, th), None
     change = f"{c - b:+.4g}" if c != b else "0"
-    return MetricComparison(key, kind, b, c, change, INFO)
+    return MetricComparison(key, kind, b, c, change, INFO), None
+
+
+# ----- accuracy --------------------------------------------------------------------------------------
+
+def _paired_bits(brow: Mapping[str, Any], crow: Mapping[str, Any],
+                 outcomes: _Outcomes) -> tuple[np.ndarray, np.ndarray] | str:
+    """The right/wrong bits of the two rows when they pair (module docstring), else why not."""
+    bcell = outcomes[0].get(str(brow.get("cell_id") or ""))
+    ccell = outcomes[1].get(str(crow.get("cell_id") or ""))
+    if bcell is None or ccell is None:
+        side = ("either side" if bcell is None and ccell is None
+                else "the baseline" if bcell is None else "the candidate")
+        return f"no per-sample outcomes in {side}"
+    if bcell.digest != ccell.digest:
+        return f"the test samples differ (sample digests {bcell.digest}, {ccell.digest})"
+    bout, cout = bcell.for_row(brow), ccell.for_row(crow)
+    if bout is None or cout is None:
+        return "no per-sample outcome of this row"
+    if abs(bout.accuracy - float(brow["value"])) > 1e-6 or abs(cout.accuracy - float(crow["value"])) > 1e-6:
+        return "the per-sample outcomes do not match the rows' accuracies"
+    return bout.correct, cout.correct
+
+
+def _accuracy_test(brow: Mapping[str, Any], crow: Mapping[str, Any], th: Thresholds,
+                   outcomes: _Outcomes) -> AccuracyTest:
+    """The test of an accuracy pair with finite values: paired, else interval rule, else fixed points."""
+    b, c = float(brow["value"]), float(crow["value"])
+    paired = _paired_bits(brow, crow, outcomes)
+    if not isinstance(paired, str):
+        return paired_test(paired[0], paired[1], th.p_value)
+    nb, nc = brow.get("n"), crow.get("n")
+    if _num(nb) and _num(nc) and nb >= 1 and nc >= 1:
+        test = unpaired_test(b, int(nb), c, int(nc), th.p_value)
+        return replace(test, detail=f"{test.detail}, unpaired: {paired}")
+    return AccuracyTest(c - b, None, None, None, None, "fixed points", f"no n, {paired}")
+
+
+def _accuracy_result(key: dict[str, Any], b: float, c: float, test: AccuracyTest,
+                     p: tuple[float | None, float | None], family: int, th: Thresholds) -> MetricComparison:
+    """The accuracy rule of the module docstring on one pair; ``p``: its (Holm-adjusted) one-sided
+    p-values (candidate lower, candidate higher); ``family``: the number of rows adjusted together."""
+    points, change = th.accuracy_points, f"{test.diff:+.2f} pts"
+    p_worse, p_better = p
+    if p_worse is None or p_better is None or test.low is None or test.high is None:  # fixed points
+        status = REGRESSION if test.diff < -points else IMPROVED if test.diff > points else OK
+        note = f"{test.method} ({test.detail})" + (f"; drop > {points:g} pts" if status == REGRESSION else "")
+        return MetricComparison(key, "accuracy", b, c, change, status, note=note)
+    regression = accuracy_flag(-test.diff, -test.low, p_worse, points, th.p_value)
+    improved = accuracy_flag(test.diff, test.high, p_better, points, th.p_value)
+    status = REGRESSION if regression else IMPROVED if improved else OK
+    lower = test.diff <= 0
+    shown = p_worse if lower else p_better
+    note = (f"{test.method}, {test.detail}; Holm over {family} row{'s' if family != 1 else ''}; "
+            f"difference {test.low:+.2f} to {test.high:+.2f} pts")
+    if regression:
+        note += f"; drop > {points / 2:g} pts with upper limit >= {points:g} pts"
+    elif shown < th.p_value and status == OK:
+        note += f"; significant {'drop' if lower else 'gain'} below the threshold"
+    return MetricComparison(key, "accuracy", b, c, change, status, shown, note)
 
 
 def _compare_ratio_pair(brow: Mapping[str, Any], crow: Mapping[str, Any], key: dict[str, Any], kind: str,

@@ -1,5 +1,12 @@
 """Run comparison: latency statistics (injected slowdown flagged, same-build noise not),
-accuracy in points, exact MACs/parameters, exit-histogram drift, thresholds, files and errors."""
+accuracy on rows with n (interval rule; the paired rule is in test_compare_paired.py), exact
+MACs/parameters, exit-histogram drift, thresholds, files and errors.
+
+The fixture's accuracy rows have n = 1000 and no per-sample outcomes, so they are compared by the
+interval rule (Newcombe + z-test). A 6-point drop of resnet20's top-1 (91.2 -> 85.2 %, n = 1000
+each) has z-test p = 1.6e-5 and a drop upper limit of 9.37 points (99 % one-sided): a regression
+for accuracy_points <= 9.37, not for 10. A 1.5-point drop (the old fixed rule's example) has
+p = 0.127 on 1000 samples: noise, no longer a regression."""
 import json
 from pathlib import Path
 
@@ -92,11 +99,30 @@ def test_memory_growth_beyond_ratio_fails():
 # ----- accuracy, exact counts, exit drift, failures ----------------------------------------------------
 
 def test_accuracy_drop_beyond_threshold_fails():
-    bad = compare(rows(1), rows(1, top1_shift=-1.5))
+    bad = compare(rows(1), rows(1, top1_shift=-6.0))
     assert {r.key["metric"] for r in bad.regressions} == {"top1", "policy_top1"}
-    assert all(r.change == "-1.50 pts" for r in regressions(bad, "top1"))
+    assert len(bad.regressions) == 11  # 4 top1 + 7 policy_top1 rows; top5 did not move
+    assert all(r.change == "-6.00 pts" for r in regressions(bad, "top1"))
+    # 12 tested accuracy rows (resnet20 top1/top5, branchynet 3 top1 + 7 policy_top1) form the family
+    assert all("Newcombe" in r.note and "n=1000/1000" in r.note and "Holm over 12 rows" in r.note
+               for r in bad.regressions)
     assert not compare(rows(1), rows(1, top1_shift=-0.5)).has_regression
     assert not compare(rows(1), rows(1, top1_shift=+3.0)).has_regression
+    better = compare(rows(1), rows(1, top1_shift=+6.0))
+    assert {r.status for r in better.results if r.key["metric"] == "top1"} == {"improved"}
+
+
+def test_a_small_drop_on_1000_samples_is_noise_now():
+    """-1.5 points on n = 1000 (91.2 -> 89.7 %): pooled q = 0.9045, se = sqrt(q (1 - q) 2 / 1000)
+    = 0.013144, z = -1.141, p = 0.1269 raw. The family is top1 and top5 (unchanged: z = 0, p = 0.5),
+    so Holm doubles the smaller: 0.2538. The old fixed-points rule failed this pair; now it is ok."""
+    result = compare(rows(1, models=("resnet20",)), rows(1, models=("resnet20",), top1_shift=-1.5))
+    top1 = next(r for r in result.results if r.key["metric"] == "top1")
+    assert top1.status == "ok" and top1.change == "-1.50 pts"
+    assert top1.p_value == pytest.approx(2 * 0.12689, abs=1e-4)
+    top5 = next(r for r in result.results if r.key["metric"] == "top5")
+    assert top5.p_value == pytest.approx(0.5) and top5.status == "ok"
+    assert not result.has_regression
 
 
 def test_changed_mac_count_fails():
@@ -140,9 +166,9 @@ def test_failed_candidate_cell_is_a_regression(tmp_path):
 
 def test_thresholds_from_the_suite_compare_section_and_arguments(tmp_path):
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
-    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5,
-                     compare={"accuracy_points": 2.0})
-    assert not compare(base, cand).has_regression  # the suite allows 2 points
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-6.0,
+                     compare={"accuracy_points": 10.0})
+    assert not compare(base, cand).has_regression  # the suite allows 10 points (the upper limit is 9.37)
     assert compare(base, cand, accuracy_points=1.0).has_regression  # an argument overrides the suite
     assert compare(base, cand, Thresholds(accuracy_points=1.0)).thresholds.accuracy_points == 1.0
     with pytest.raises(ValueError, match="unknown compare threshold.*latency_ratio"):
@@ -204,12 +230,12 @@ def test_cli_writes_a_filtered_baseline_and_takes_thresholds(tmp_path, capsys):
 
     assert not hasattr(reports.compare, "main")
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
-    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=2, top1_shift=-1.5)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=2, top1_shift=-6.0)
     assert cli_main(["baseline", str(base), str(tmp_path / "bl.json"), "--metrics", "top1", "macs", "params"]) == 0
     kept = {r["metric"] for r in json.loads((tmp_path / "bl.json").read_text())["rows"]}
     assert kept == {"top1", "macs", "params"}
     assert cli_main(["compare", str(tmp_path / "bl.json"), str(cand)]) == 1
-    assert cli_main(["compare", str(tmp_path / "bl.json"), str(cand), "--accuracy-points", "2"]) == 0
+    assert cli_main(["compare", str(tmp_path / "bl.json"), str(cand), "--accuracy-points", "10"]) == 0
     assert cli_main(["compare", str(tmp_path / "nope.json"), str(cand)]) == 2
 
 
@@ -239,14 +265,14 @@ def cli(capsys, *argv):
 
 def test_cli_accuracy_points_overrides_the_suite_and_the_default(tmp_path, capsys):
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
-    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5)
-    lenient = build_run(tmp_path / "l", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5,
-                        compare={"accuracy_points": 2.0})
-    # a 1.5-point drop: over the default 1 point, within 1.6 and within the suite's own 2 points
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-6.0)
+    lenient = build_run(tmp_path / "l", models=("resnet20",), failed=False, seed=1, top1_shift=-6.0,
+                        compare={"accuracy_points": 10.0})
+    # a 6-point drop on 1000 samples, upper limit 9.37 points: fails 1 (default) and 9, passes 10
     code, out, _ = cli(capsys, "compare", base, cand)
-    assert code == 1 and "REGRESSION" in out and "-1.50 pts" in out and "accuracy_points=1," in out
-    assert cli(capsys, "compare", base, cand, "--accuracy-points", "1.6")[0] == 0
-    assert cli(capsys, "compare", base, cand, "--accuracy-points", "1.4")[0] == 1
+    assert code == 1 and "REGRESSION" in out and "-6.00 pts" in out and "accuracy_points=1," in out
+    assert cli(capsys, "compare", base, cand, "--accuracy-points", "10")[0] == 0
+    assert cli(capsys, "compare", base, cand, "--accuracy-points", "9")[0] == 1
     assert cli(capsys, "compare", base, lenient)[0] == 0
     code, out, _ = cli(capsys, "compare", base, lenient, "--accuracy-points", "1")  # the option beats the suite
     assert code == 1 and "1 regression " in out
@@ -287,11 +313,11 @@ def test_cli_p_value_is_the_latency_test_level(tmp_path, capsys):
 
 def test_cli_markdown_for_a_pull_request_comment(tmp_path, capsys):
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
-    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5, macs_delta=64)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-6.0, macs_delta=64)
     md = tmp_path / "comment" / "compare.md"
     assert cli(capsys, "compare", base, cand, "--markdown", md, "--accuracy-points", "0.5")[0] == 1
     text = md.read_text()
-    assert ":x: **3 regression(s)**" in text  # top1 (-1.5 > 0.5 points), macs and flops (+64, +128)
+    assert ":x: **3 regression(s)**" in text  # top1 (-6 points, p 3e-5), macs and flops (+64, +128)
     assert "`accuracy_points=0.5`" in text and "| REGRESSION | resnet20 |" in text and "+64" in text
     assert cli(capsys, "compare", base, base, "--markdown", md)[0] == 0
     assert ":white_check_mark: **no regressions**" in md.read_text()
@@ -352,8 +378,8 @@ def test_cli_baseline_keeps_machine_independent_metrics_by_default(tmp_path, cap
     failing = compare(clean, build_run(tmp_path / "failing", seed=1, models=("resnet20", "moe"), error_text="boom"))
     assert [(r.key["model"], r.note) for r in failing.regressions] == [("broken", "candidate cell failed: boom")]
     assert {r.key["model"] for r in failing.results if r.status == "new"} == {"moe"}
-    code, out, _ = cli(capsys, "compare", out_file, build_run(tmp_path / "worse", seed=2, top1_shift=-1.5))
-    assert code == 1 and "-1.50 pts" in out
+    code, out, _ = cli(capsys, "compare", out_file, build_run(tmp_path / "worse", seed=2, top1_shift=-6.0))
+    assert code == 1 and "-6.00 pts" in out
     # a changed MAC count fails exactly
     assert cli(capsys, "compare", out_file, build_run(tmp_path / "macs", seed=1, macs_delta=1))[0] == 1
 
@@ -380,7 +406,7 @@ def test_compare_exit_codes_in_a_real_process(tmp_path):
     import sys
 
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
-    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-1.5)
+    cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=1, top1_shift=-6.0)
     repo = Path(__file__).resolve().parents[2]
 
     def run(*a):
@@ -388,6 +414,6 @@ def test_compare_exit_codes_in_a_real_process(tmp_path):
                               capture_output=True, text=True, timeout=120)
 
     assert run(base, cand).returncode == 1
-    assert run(base, cand, "--accuracy-points", "2").returncode == 0
+    assert run(base, cand, "--accuracy-points", "10").returncode == 0
     bad = run(base, cand, "--p-value", "2")
     assert bad.returncode == 2 and bad.stderr.startswith("fractalbench: error: argument --p-value") and bad.stdout == ""
