@@ -274,3 +274,33 @@ def accuracy_flag(change: float, limit: float, p: float, points: float, p_value:
     confidence limit on its far side ``limit`` and its adjusted p. True when p < p_value AND
     limit >= points (within ACCURACY_EPS) AND change > points / 2."""
     return p < p_value and limit >= points - ACCURACY_EPS and change > points / 2
+
+
+def seed_group_test(base: Sequence[float], cand: Sequence[float], p_value: float) -> AccuracyTest:
+    """Accuracies (%) of seed groups (one value per seed). Both sides with >= 2 seeds: Welch's t-test
+    on the means (Welch-Satterthwaite degrees of freedom). One side with a single run: where that
+    run falls in the other group's prediction interval, t = (x - mean) / (sd sqrt(1 + 1/k)) with
+    k - 1 degrees of freedom (a single run is compared with the spread a new seed would show).
+    diff = candidate mean - baseline mean; limits at level 1 - p_value each."""
+    from scipy.stats import t as student
+
+    b, c = np.asarray(base, dtype=float), np.asarray(cand, dtype=float)
+    diff = float(c.mean() - b.mean())
+    if b.size >= 2 and c.size >= 2:
+        vb, vc = b.var(ddof=1) / b.size, c.var(ddof=1) / c.size
+        se = math.sqrt(vb + vc)
+        df = (vb + vc) ** 2 / (vb ** 2 / (b.size - 1) + vc ** 2 / (c.size - 1)) if se > 0 else 1.0
+        method = f"Welch t-test over seeds ({b.size} vs {c.size} seeds)"
+    else:
+        group = b if b.size >= 2 else c
+        se = float(group.std(ddof=1)) * math.sqrt(1 + 1 / group.size)
+        df = group.size - 1.0
+        method = f"prediction interval of {group.size} seeds vs a single run"
+    if se == 0:
+        p_worse, p_better = (0.0 if diff < 0 else 1.0), (0.0 if diff > 0 else 1.0)
+        return AccuracyTest(diff, diff, diff, p_worse, p_better, method, "no spread across seeds")
+    z = diff / se
+    half = float(student.ppf(1 - p_value, df)) * se
+    return AccuracyTest(diff, diff - half, diff + half, float(student.cdf(z, df)), float(student.sf(z, df)), method,
+                        f"means {b.mean():.2f}/{c.mean():.2f}, sd {b.std(ddof=1) if b.size > 1 else 0:.2f}/"
+                        f"{c.std(ddof=1) if c.size > 1 else 0:.2f}")

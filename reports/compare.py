@@ -29,6 +29,10 @@ Rules (thresholds: suite ``compare`` section, then arguments; defaults in :class
     (method 10, from the two Wilson intervals) and the one-sided pooled two-proportion z-test.
   * fixed points (neither): regression when the candidate is more than P points lower, improved
     when more than P higher; no test, no p.
+  * seed groups (either side holds the row for several seeds, ``seeds`` in the suite; this comes
+    first): Welch's t-test on the per-seed accuracies when both sides have two or more seeds, else
+    the single run against the group's prediction interval (t with k - 1 degrees of freedom); d is
+    the difference of the means (:func:`reports._compare_stats.seed_group_test`).
 
   The Holm family is every accuracy row pair of one ``compare`` call that got a test (paired or
   interval rule): their "candidate lower" p-values are Holm-Bonferroni adjusted together (and,
@@ -118,6 +122,7 @@ from reports._compare_stats import (
     holm,
     mcnemar_exact,
     paired_test,
+    seed_group_test,
     unpaired_test,
 )
 
@@ -168,11 +173,29 @@ def row_key(row: Mapping[str, Any]) -> tuple:
     return key + extra
 
 
-def _index(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
-    out: dict[tuple, Mapping[str, Any]] = {}
+def _groups(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, Any]]]:
+    """Rows by :func:`row_key`; a key holds several rows when a run has several seeds of it."""
+    out: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
-        out.setdefault(row_key(row), row)
+        out.setdefault(row_key(row), []).append(row)
     return out
+
+
+def _index(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
+    return {key: group[0] for key, group in _groups(rows).items()}
+
+
+def _seed_group_pair(bgroup: list[Mapping[str, Any]], cgroup: list[Mapping[str, Any]],
+                     th: Thresholds) -> tuple[MetricComparison, AccuracyTest] | None:
+    """An accuracy row of which a side holds several seeds: the seed-group test (None otherwise)."""
+    if max(len(bgroup), len(cgroup)) < 2 or _kind(bgroup[0]) != "accuracy":
+        return None
+    values = [[float(r["value"]) for r in g if _num(r.get("value")) and not r.get("error")] for g in (bgroup, cgroup)]
+    if not values[0] or not values[1] or max(len(values[0]), len(values[1])) < 2:
+        return None
+    test = seed_group_test(values[0], values[1], th.p_value)
+    b, c = sum(values[0]) / len(values[0]), sum(values[1]) / len(values[1])
+    return _accuracy_result(_key_dict(bgroup[0]), b, c, test, (test.p_worse, test.p_better), 1, th), test
 
 
 def _key_dict(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,8 +241,9 @@ def _compare_rows(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any
                   outcomes: _Outcomes = ({}, {})) -> list[MetricComparison]:
     results = _compare_errors(base_rows, cand_rows)
     separate = DRIFT_METRICS | ERROR_METRICS  # compared per histogram / per cell
-    bi = _index(r for r in base_rows if r.get("metric") not in separate)
-    ci = _index(r for r in cand_rows if r.get("metric") not in separate)
+    bg = _groups(r for r in base_rows if r.get("metric") not in separate)
+    cg = _groups(r for r in cand_rows if r.get("metric") not in separate)
+    bi, ci = {k: g[0] for k, g in bg.items()}, {k: g[0] for k, g in cg.items()}
     tested: list[tuple[int, AccuracyTest]] = []  # the Holm family: (index in results, test)
     for key, brow in bi.items():
         crow = ci.get(key)
@@ -227,7 +251,7 @@ def _compare_rows(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any
             results.append(MetricComparison(_key_dict(brow), _kind(brow), brow.get("value"), None, "", MISSING,
                                             note="not in candidate"))
             continue
-        result, test = _pair(brow, crow, th, outcomes)
+        result, test = _seed_group_pair(bg[key], cg[key], th) or _pair(brow, crow, th, outcomes)
         if test is not None and test.p_worse is not None:
             tested.append((len(results), test))
         results.append(result)

@@ -17,7 +17,8 @@ from harness.results import ROW_FIELDS, RunData, open_run
 
 GROUP = ["run", "label", "model", "dataset", "device"]
 STATIC_KINDS = ("static",)
-NUMERIC_FIELDS = ("value", "n", "std", "p50", "p90", "p99", "ci_low", "ci_high", "threshold", "batch_size", "exit")
+NUMERIC_FIELDS = ("value", "n", "std", "p50", "p90", "p99", "ci_low", "ci_high", "threshold", "batch_size", "exit",
+                  "seed")
 TEXT_FIELDS = ("policy", "variant", "split", "error", "detail", "metric", "unit", "dataset", "device", "model")
 
 
@@ -45,9 +46,13 @@ def model_kinds(runs: Sequence[RunData]) -> dict[tuple[str, str], str]:
     return kinds
 
 
-def combined_rows(runs: Sequence[RunData]) -> pd.DataFrame:
+def combined_rows(runs: Sequence[RunData], per_seed: bool = False) -> pd.DataFrame:
     """All runs' rows in one frame with ``run``, ``label`` (model, plus the run when several runs
-    are shown) and ``kind`` (dynamic kind from the card; inferred from the rows when absent)."""
+    are shown) and ``kind`` (dynamic kind from the card; inferred from the rows when absent).
+    Rows of several seeds are averaged (:func:`reports.seeds.aggregate_seeds`: columns ``seeds``
+    and ``seed_std``) unless ``per_seed``."""
+    from reports.seeds import aggregate_seeds
+
     frames = []
     multi = len(runs) > 1
     kinds = model_kinds(runs)
@@ -57,14 +62,14 @@ def combined_rows(runs: Sequence[RunData]) -> pd.DataFrame:
         f["label"] = [run_label(m, run, multi) for m in f["model"].fillna("?")]
         frames.append(f)
     if not frames:
-        return pd.DataFrame(columns=[*ROW_FIELDS, "run", "label", "kind"])
+        return pd.DataFrame(columns=[*ROW_FIELDS, "run", "label", "kind", "seeds", "seed_std"])
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     for col in NUMERIC_FIELDS:
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     for col in TEXT_FIELDS:
         frame[col] = frame[col].fillna("").astype(str)
     frame["kind"] = [_kind(kinds, run, model, frame) for run, model in zip(frame["run"], frame["model"])]
-    return frame
+    return frame if per_seed else aggregate_seeds(frame)
 
 
 def _kind(kinds: Mapping[tuple[str, str], str], run: str, model: str, frame: pd.DataFrame) -> str:

@@ -139,7 +139,11 @@ def tradeoff_figures(frame: pd.DataFrame, costs: Sequence[str] = ("macs", "laten
                    "(their own 'test grid' figure). Dashed black: the Pareto frontier of these points (ringed "
                    "black); ringed grey: off the frontier, but its interval reaches the frontier at its cost "
                    "(indistinguishable from it on this test set).")
-        out += _cost_figures(tables.operating_points(frame, cost), cost, "", caption)
+        points = tables.operating_points(frame, cost)
+        if points["seed_std"].notna().any():
+            caption += (" Models run with several seeds: their mean over seeds, with capped bars of +- one "
+                        "standard deviation across seeds beside the (mean per-seed) interval.")
+        out += _cost_figures(points, cost, "", caption)
     return out
 
 
@@ -233,6 +237,10 @@ def _error_bars(ax: Any, sub: pd.DataFrame, color: Any) -> None:
     yerr = np.vstack([acc - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - acc])
     ax.errorbar(part["cost"].to_numpy(float), acc, yerr=np.clip(yerr, 0.0, None), fmt="none", ecolor=color,
                 elinewidth=0.8, capsize=0, alpha=0.8)
+    seeds = sub[sub["seed_std"].notna()] if "seed_std" in sub else sub.iloc[:0]
+    if not seeds.empty:  # mean over seeds +- their standard deviation: capped bars beside the interval
+        ax.errorbar(seeds["cost"].to_numpy(float), seeds["accuracy"].to_numpy(float),
+                    yerr=seeds["seed_std"].to_numpy(float), fmt="none", ecolor=color, elinewidth=1.6, capsize=3)
 
 
 def _model_points(ax: Any, sub: pd.DataFrame, color: Any, styles: dict[str, str]) -> None:

@@ -50,7 +50,7 @@ from harness.results import detail_of
 from reports.frame import GROUP, STATIC_KINDS, batch_one, metric_rows, none_if_nan, threshold_key
 
 POINT_COLUMNS = [*GROUP, "kind", "source", "selection", "policy", "threshold", "exit", "cost", "accuracy", "n",
-                 "ci_low", "ci_high"]
+                 "ci_low", "ci_high", "seed_std"]
 TEST_GRID = "test grid"
 SELECTIONS = ("validation", "learned", "fixed", TEST_GRID)
 
@@ -156,9 +156,10 @@ def _point_costs(sub: pd.DataFrame, cost: str) -> dict[tuple[str, float | None],
 
 
 def _interval(row: Any) -> dict[str, float]:
-    """``n``, ``ci_low`` and ``ci_high`` of an accuracy row (NaN where absent)."""
+    """``n``, ``ci_low``, ``ci_high`` and ``seed_std`` (spread over seeds, :mod:`reports.seeds`) of an
+    accuracy row (NaN where absent)."""
     return {k: float(getattr(row, k)) if pd.notna(getattr(row, k, np.nan)) else np.nan
-            for k in ("n", "ci_low", "ci_high")}
+            for k in ("n", "ci_low", "ci_high", "seed_std")}
 
 
 def _policy_points(sub: pd.DataFrame, cost: str) -> list[dict[str, Any]]:

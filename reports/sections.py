@@ -191,6 +191,19 @@ def section_errors(ctx: ReportContext) -> Body:
     return Body([ErrorTable(rows, ctx.multi)], rows_hint(table, "errors"))
 
 
+def section_seeds(ctx: ReportContext) -> Body | None:
+    """Models run with several seeds: each seed's last-exit top-1 with its interval, mean and sd."""
+    from reports.seeds import seed_table
+
+    table = seed_table(tables.combined_rows(ctx.runs, per_seed=True))
+    if table.empty:
+        return None
+    note = Note("Every other table and plot shows the mean over seeds (with 'sd over seeds'); here each seed's "
+                "own test top-1 at the last exit with its 95 % Wilson interval. The interval covers the test "
+                "sample; the spread across seeds covers training noise.")
+    return Body([note, *ctx.table(table, "seeds")], rows_hint(table, "seed rows"))
+
+
 def section_reference(ctx: ReportContext) -> Body | None:
     table = tables.reference_table(ctx.runs, ctx.frame)
     if table.empty:
@@ -327,6 +340,7 @@ SECTIONS: tuple[tuple[str, str, Builder, bool], ...] = (
     ("summary", "Summary per model", section_summary, False),
     ("tradeoffs", "Accuracy vs cost (Pareto frontier)", section_tradeoffs, True),
     ("errors", "Errors", section_errors, True),
+    ("seeds", "Seeds: per-seed accuracy and the spread", section_seeds, True),
     ("reference", "Published reference numbers", section_reference, True),
     ("exits", "Per exit: accuracy, MACs, latency", section_per_exit, True),
     ("latency", "Latency: measured vs predicted, every row", section_latency, True),

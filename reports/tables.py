@@ -73,8 +73,8 @@ ROW_COLUMNS = [*GROUP, "batch_size", "exit", "policy", "threshold", "split", "me
 # The summary's columns (title -> what it holds), and the few of them the brief summary keeps.
 MEMORY_COLUMNS = {"memory_peak_activations": "peak activations MiB", "memory_weights": "weights MiB",
                   "memory_peak_reserved": "GPU peak reserved MiB"}
-BRIEF_COLUMNS = ("label", "kind", "top1 %", "top1 95% CI", "MACs (last exit)", "chosen point", "its top1 %",
-                 "its expected MACs", "params", "latency p50 ms (b=1)", "peak activations MiB", "status")
+BRIEF_COLUMNS = ("label", "kind", "top1 %", "top1 95% CI", "top1 sd over seeds", "MACs (last exit)", "chosen point",
+                 "its top1 %", "its expected MACs", "params", "latency p50 ms (b=1)", "peak activations MiB", "status")
 
 
 # ----- summary -------------------------------------------------------------------------------------
@@ -90,6 +90,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     parts = [
         last_exit_values(frame, "top1", "test").rename(columns={"top1": "top1 %"}),
         _last_exit_interval(frame),
+        _seed_spread(frame),
         last_exit_values(frame, "top5", "test").rename(columns={"top5": "top5 %"}),
         last_exit_values(frame, "macs").rename(columns={"macs": "MACs (last exit)"}),
         chosen_points(frame).rename(columns={"policy": "chosen point", "accuracy": "its top1 %",
@@ -114,6 +115,16 @@ def _last_exit_interval(frame: pd.DataFrame) -> pd.DataFrame:
     text = [f"{lo:.1f}-{hi:.1f}" if pd.notna(lo) and pd.notna(hi) else ""
             for lo, hi in zip(last["ci_low"], last["ci_high"])]
     return last[GROUP].assign(**{"top1 95% CI": text})
+
+
+def _seed_spread(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model run with several seeds: the standard deviation over seeds of the last exit's test
+    top-1 ("0.21 (3 seeds)"); no column when no model has several seeds."""
+    if "seed_std" not in frame or not frame["seed_std"].notna().any():
+        return pd.DataFrame(columns=GROUP)
+    last = last_exit_values(frame, "top1", "test", extra=("seed_std", "seeds"))
+    text = [f"{sd:.2f} ({int(k)} seeds)" if pd.notna(sd) else "" for sd, k in zip(last["seed_std"], last["seeds"])]
+    return last[GROUP].assign(**{"top1 sd over seeds": text})
 
 
 def brief_summary(summary: pd.DataFrame) -> pd.DataFrame:
