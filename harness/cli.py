@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CELLS_FAILED = 1  # `run`: some cell failed (its error is stored as data; the others ran)
 
 
 class CliError(Exception):
@@ -194,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (CliError, ValueError, FileNotFoundError) as exc:
         message = str(exc).strip() or type(exc).__name__
-        print(f"fractalbench: error: {message}", file=sys.stderr)
+        for line in message.splitlines():  # several problems (a suite's preflight): one line each
+            print(f"fractalbench: error: {line}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -246,6 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if not args.no_report:
         print(f"report: {_write_report([out], None).resolve()}")
+    if summary.failed:
+        print(f"{len(summary.failed)} cell(s) failed: {', '.join(summary.failed)} (errors in the report and in "
+              f"{out}/cells/)", file=sys.stderr)
+        return EXIT_CELLS_FAILED
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from harness.data import DatasetConfig, DataSplits, load_dataset
 from harness.devices import check_device
 from harness.environment import collect_environment
 from harness.outcomes import OUTCOMES_DIR, outcomes_path
+from harness.preflight import raise_for_suite
 from harness.registry import ModelSpec, model_card
 from harness.results import CellRecord, RunStore, make_row, slug
 from harness.steps import CellState, plan_steps
@@ -163,6 +164,10 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
         check_device(dev)
     store = RunStore(out_dir)
     _check_run_dir(store, suite, echo)
+    splits_cache: dict[DatasetConfig, DataSplits] = {}
+    for ds in suite.datasets:  # missing datasets fail before any cell runs
+        splits_cache[ds] = load_dataset(ds)
+    raise_for_suite(suite, splits_cache)  # and so does everything else that can be checked (harness.preflight)
     if remeasure:
         set_aside_for_remeasure(store, [c.cell_id for c in plan_cells(suite, devices)], echo)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,9 +178,6 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     cells = plan_cells(suite, devices)
     summary = RunSummary(out_dir)
     t0 = time.perf_counter()
-    splits_cache: dict[DatasetConfig, DataSplits] = {}
-    for ds in suite.datasets:  # missing datasets fail before any cell runs
-        splits_cache[ds] = load_dataset(ds)
     try:
         for i, cell in enumerate(cells, 1):
             if store.is_done(cell.cell_id):

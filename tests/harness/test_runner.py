@@ -135,13 +135,13 @@ def test_attribute_sweep_trains_a_second_stage_per_value(tmp_path):
     assert artifacts == {"stage2_alpha_0.1.pt", "stage2_alpha_0.5.pt"}
 
 
-def test_attribute_sweep_of_a_missing_attribute_fails_the_cell(tmp_path):
+def test_attribute_sweep_of_a_missing_attribute_is_refused_before_any_cell(tmp_path):
     entry = {"name": "resnet20", "train": {"max_steps_per_epoch": 1},
              "attribute_sweep": {"attribute": "alpha", "values": [0.1]}}
-    summary = run_suite(suite([entry]), tmp_path)
-    assert len(summary.failed) == 1
-    frame = load_run(tmp_path)
-    assert "has no attribute 'alpha'" in frame[frame.metric == "error"].error.iloc[0]
+    with pytest.raises(SuiteError, match=r"field 'models\[1\].attribute_sweep.attribute': model 'resnet20' "
+                                         r"\(CifarResNet\) has no attribute 'alpha'"):
+        run_suite(suite(["linear", entry]), tmp_path)
+    assert not tmp_path.joinpath("cells").exists()
 
 
 @pytest.mark.parametrize("sweep, message", [

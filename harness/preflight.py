@@ -1,0 +1,95 @@
+"""Checks of a suite that need its models or its data, made before the first cell runs.
+
+The suite schema (:mod:`harness._suite_schema`) already refuses what a field alone shows (policy
+thresholds out of their range, unknown fields, bad numbers). What needs more is checked here, for
+every entry at once, so that a run never spends hours on the first cells to fail on a later one:
+
+- every model builds with its keyword arguments (a timm name must be one timm knows): on the meta
+  device, where no weight is allocated (on the CPU when a model cannot be built on meta);
+- an ``attribute_sweep`` names attributes the built model has (``attribute`` and every ``set`` key);
+- every training batch size (the suite's, a model's override, a sweep stage's) fits in the
+  training split of each dataset: the trainer drops the last incomplete batch, so a batch larger
+  than the split would run no step.
+
+:func:`check_suite` returns one line per problem, each naming the suite file and the field, the
+way :class:`harness.suites.SuiteError` does; :func:`raise_for_suite` raises them together.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from harness.data import DatasetConfig, DataSplits
+from harness.registry import ModelSpec
+from harness.suites import ModelEntry, Suite, SuiteError, sweep_train_config, train_config_for
+
+
+def _build(spec: ModelSpec) -> nn.Module:
+    """The model on the meta device (no memory for weights); on the CPU if meta cannot build it."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return spec.build()
+    except (TypeError, ValueError, KeyError, LookupError):
+        raise  # wrong keywords, unknown names: the same on any device
+    except Exception:  # noqa: BLE001 - an op meta tensors do not support: build it for real
+        return spec.build()
+
+
+def _model_problems(index: int, entry: ModelEntry, splits: DataSplits) -> tuple[list[str], nn.Module | None]:
+    where = f"models[{index}]"
+    spec = ModelSpec(entry.name, dict(entry.kwargs), splits.num_classes, splits.in_chans)
+    try:
+        model = _build(spec)
+    except Exception as exc:  # noqa: BLE001 - every build failure is reported, whatever raised it
+        field = f"{where}.kwargs" if entry.kwargs and isinstance(exc, (TypeError, ValueError)) else f"{where}.name"
+        text = " ".join(str(exc).split())
+        return [f"field '{field}': {text if text.startswith('model ') else f'model {entry.display!r}: {text}'}"], None
+    problems = []
+    sweep = entry.attribute_sweep
+    if sweep is not None:
+        for key, name in ((f"{where}.attribute_sweep.attribute", sweep.attribute),
+                          *((f"{where}.attribute_sweep.set.{k}", k) for k in sweep.set)):
+            if not hasattr(model, name):
+                problems.append(f"field '{key}': model {entry.display!r} ({type(model).__name__}) has no attribute "
+                                f"{name!r}")
+    return problems, model
+
+
+def _batch_problems(suite: Suite, index: int, entry: ModelEntry, dataset: DatasetConfig,
+                    splits: DataSplits) -> list[str]:
+    problems = []
+    n = len(splits.train)
+    for field, cfg in ((f"models[{index}].train.batch_size" if "batch_size" in entry.train else "train.batch_size",
+                        train_config_for(suite, entry)),
+                       (f"models[{index}].attribute_sweep.train.batch_size", sweep_train_config(suite, entry))):
+        if cfg is None or cfg.epochs == 0 or cfg.batch_size <= n:
+            continue
+        if field.startswith(f"models[{index}].attribute_sweep") and "batch_size" not in entry.attribute_sweep.train:
+            continue  # the same batch size as the model's, reported once
+        whose = "" if field == "train.batch_size" else f" for model {entry.display!r}"
+        problems.append(f"field '{field}': batch size {cfg.batch_size:,} is larger than the training split of "
+                        f"{dataset.label} ({n:,} samples){whose}; no training step would run (allowed: 1 to {n:,})")
+    return problems
+
+
+def check_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits]) -> list[str]:
+    """Every problem of ``suite`` with its data ``splits`` (each dataset of the suite, loaded), one
+    line each: ``suite PATH: field 'FIELD': problem``. Empty when the suite can run."""
+    problems: list[str] = []
+    for dataset in suite.datasets:
+        for i, entry in enumerate(suite.models):
+            found, _ = _model_problems(i, entry, splits[dataset])
+            found += _batch_problems(suite, i, entry, dataset, splits[dataset])
+            problems += [p for p in found if p not in problems]
+    return [f"suite {suite.path}: {p}" for p in problems]
+
+
+def raise_for_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits]) -> None:
+    """SuiteError with every problem of :func:`check_suite` (one per line), if there is any."""
+    problems = check_suite(suite, splits)
+    if problems:
+        raise SuiteError("\n".join(problems))

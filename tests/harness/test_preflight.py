@@ -1,0 +1,87 @@
+"""Everything checkable is checked before the first cell: one line per problem, exit 2, no run
+directory; a run with a failed cell exits 1."""
+import pytest
+import yaml
+
+from harness import registry
+from harness.cli import main
+from harness.registry import ModelCard, register_model
+
+BASE = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}], "models": ["linear"],
+        "train": {"epochs": 1, "max_steps_per_epoch": 2}, "metrics": ["accuracy"]}
+
+
+def run(tmp_path, capsys, suite, *extra):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    code = main(["run", str(path), "--out", str(tmp_path / "run"), "--no-report", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"models": ["branchynet_resnet20"], "policies": [{"name": "confidence", "grid": [0.5, 1.5]}]},
+     "field 'policies[0].grid[1]': must be a number between 0 and 1, got 1.5"),
+    ({"models": ["branchynet_resnet20"], "policies": [{"name": "entropy", "grid": [-2]}]},
+     "field 'policies[0].grid[0]': must be a number >= 0, got -2"),
+    ({"models": [{"name": "resnet20", "kwargs": {"no_such_kwarg": 3}}]},
+     "field 'models[0].kwargs': model 'resnet20' does not take these options ['no_such_kwarg']"),
+    ({"models": [{"name": "resnet20", "attribute_sweep": {"attribute": "nope", "values": [1]}}]},
+     "field 'models[0].attribute_sweep.attribute': model 'resnet20' (CifarResNet) has no attribute 'nope'"),
+    ({"models": ["timm:no_such_net"]}, "field 'models[0].name': model 'timm:no_such_net': unknown timm model"),
+    ({"train": {"epochs": 1, "batch_size": 100_000_000}},
+     "field 'train.batch_size': batch size 100,000,000 is larger than the training split of digits8 "
+     "(1,295 samples); no training step would run (allowed: 1 to 1,295)"),
+])
+def test_each_bad_suite_is_one_line_and_exit_2_before_any_cell(tmp_path, capsys, change, message):
+    code, out, err = run(tmp_path, capsys, {**BASE, **change})
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"fractalbench: error: suite {tmp_path / 's.yaml'}: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_problem_of_a_suite_is_reported_at_once(tmp_path, capsys):
+    suite = {**BASE, "models": [{"name": "resnet20", "kwargs": {"no_such_kwarg": 3}},
+                                {"name": "resnet20", "label": "r2",
+                                 "attribute_sweep": {"attribute": "nope", "values": [1], "set": {"also_not": 1}}}],
+             "train": {"epochs": 1, "batch_size": 100_000_000}}
+    code, out, err = run(tmp_path, capsys, suite)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 4 and all(line.startswith("fractalbench: error: suite ") for line in lines)
+    for field in ("models[0].kwargs", "train.batch_size", "models[1].attribute_sweep.attribute",
+                  "models[1].attribute_sweep.set.also_not"):
+        assert sum(f"field '{field}'" in line for line in lines) == 1
+
+
+def test_an_unreadable_suite_file_is_named(tmp_path, capsys):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"suite {path}: not a YAML text file" in err
+
+
+@pytest.fixture
+def broken_model():
+    import torch
+
+    class Raises(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise RuntimeError("kaboom in forward")
+
+    register_model("tmp_preflight_raises", card=ModelCard(family="test", paper="none"))(
+        lambda *, num_classes, in_chans: Raises())
+    yield
+    registry.unregister_model("tmp_preflight_raises")
+
+
+def test_a_run_with_a_failed_cell_exits_1_and_says_how_many(tmp_path, capsys, broken_model):
+    code, out, err = run(tmp_path, capsys, {**BASE, "models": ["linear", "tmp_preflight_raises"]})
+    assert code == 1
+    assert "1 cell(s) failed: tmp_preflight_raises__digits8__cpu" in err
+    assert (tmp_path / "run" / "cells" / "linear__digits8__cpu.json").is_file()  # the others ran
