@@ -6,12 +6,12 @@ Definitions
   ``threshold`` (the same two fields on every row of that point: ``policy_top1``,
   ``expected_macs``, its latency stream). Dynamic models: one point per policy setting,
   ``policy_top1`` (%) with the ``expected_macs`` (MACs per image) of the same (policy, threshold).
-  Static models: ``top1`` and ``macs`` of the last exit. A dynamic model without a policy point
-  that was not chosen on test (none at all, or only test-grid points) also gets its forced exits
-  (``top1`` and ``macs`` per exit). For latency the cost is the mean ms per call at batch 1: the
-  ``latency`` row of the same (policy, threshold) for a policy point, the forced path's for an exit
-  point. Every point carries the ``n``, ``ci_low`` and ``ci_high`` (95 % Wilson interval, %) of
-  its accuracy row (NaN for rows written before intervals were stored).
+  Static models: ``top1`` and ``macs`` of the last exit. Every dynamic model also has its forced
+  exits (``top1`` and ``macs`` per exit; a gated or routed model's one exit is its full network):
+  fixed ways to run it, the ends its policy points lie between. For latency the cost is the mean
+  ms per call at batch 1: the ``latency`` row of the same (policy, threshold) for a policy point,
+  the forced path's for an exit point. Every point carries the ``n``, ``ci_low`` and ``ci_high``
+  (95 % Wilson interval, %) of its accuracy row (NaN for rows written before intervals were stored).
 - Selection (the ``selection`` column): where a point's setting came from.
   "validation": its thresholds were fitted on validation (``detail.fitted_on == "validation"``,
   e.g. a budget fit); "learned": the model's own decisions or a trained attribute value
@@ -138,9 +138,7 @@ def _points_with_detail(frame: pd.DataFrame, cost: str) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     for key, sub in frame.groupby(GROUP, dropna=False, sort=True) if not frame.empty else ():
         base = {**dict(zip(GROUP, key)), "kind": sub["kind"].iloc[0]}
-        points = _policy_points(sub, cost)
-        if all(p["selection"] == TEST_GRID for p in points):
-            points += _exit_points(sub, cost, base["kind"])
+        points = _policy_points(sub, cost) + _exit_points(sub, cost, base["kind"])
         records.extend({**base, **p} for p in points)
     return pd.DataFrame(records, columns=[*POINT_COLUMNS, "detail"])
 
@@ -191,7 +189,7 @@ def _exit_points(sub: pd.DataFrame, cost: str, kind: str) -> list[dict[str, Any]
     exits = sorted(set(acc_by_exit) & set(cost_by_exit))
     if kind in STATIC_KINDS and exits:
         exits = [max(exits)]
-    source = "static" if kind in STATIC_KINDS or len(exits) == 1 else "exit"
+    source = "static" if kind in STATIC_KINDS else "exit"
     return [{"source": source, "selection": "fixed", "policy": "", "threshold": None, "exit": k,
              "cost": float(cost_by_exit[k]), "accuracy": float(acc_by_exit[k].value), **_interval(acc_by_exit[k]),
              "detail": ""} for k in exits]

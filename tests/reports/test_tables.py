@@ -47,15 +47,17 @@ def test_operating_points_pair_policy_accuracy_with_its_expected_macs(run_dir):
         [["static", "fixed", 40_550_400.0, 91.2]]
     # the frontier is recomputed independently from the points
     assert points["pareto"].tolist() == tables.pareto_mask(points["cost"], points["accuracy"]).tolist()
-    # without the sweep, skipnet's gates (30M, 88.5 %) are no longer dominated by a test-scored point
-    assert set(points.loc[points["pareto"], "label"]) == {"moe", "branchynet", "skipnet", "resnet20",
-                                                          "fractalbrainnet"}
+    # the forced exits of branchynet (10M 80 %, 25M 89 %, 40M 92.5 %) and the router (15M, 87 %) make the frontier
+    front = points[points["pareto"]]
+    assert sorted(zip(front["label"], front["source"], front["cost"])) == [
+        ("branchynet", "exit", 10e6), ("branchynet", "exit", 25e6), ("branchynet", "exit", 40e6),
+        ("branchynet", "policy", 20e6), ("fractalbrainnet", "static", 120e6), ("moe", "policy", 15e6)]
 
 
 def test_latency_points_match_policy_streams_by_policy_and_threshold(run_dir):
     frame = frame_of(run_dir)
     points, grid = tables.operating_points(frame, "latency"), tables.grid_points(frame, "latency")
-    bn = points[points["label"] == "branchynet"].set_index("policy")
+    bn = points[(points["label"] == "branchynet") & (points["source"] == "policy")].set_index("policy")
     # streamed: (confidence, 0.9) of the sweep (a test-grid point, apart) and the budget fit
     # (confidence@budget0.5, no threshold); the other thresholds of the sweep have no stream
     assert list(bn.index) == ["confidence@budget0.5"] and bn.loc["confidence@budget0.5", "accuracy"] == 88.0
@@ -63,8 +65,8 @@ def test_latency_points_match_policy_streams_by_policy_and_threshold(run_dir):
     streams = frame[(frame["metric"] == "latency") & (frame["label"] == "branchynet") & (frame["policy"] != "")]
     assert grid["cost"].item() == streams.loc[streams["threshold"] == 0.9, "value"].item()
     assert bn.loc["confidence@budget0.5", "cost"] == streams.loc[streams["threshold"].isna(), "value"].item()
-    assert points.loc[points["label"] == "skipnet", "policy"].tolist() == ["gates"]
-    assert points.loc[points["label"] == "moe", "policy"].tolist() == ["router"]
+    assert points.loc[points["label"] == "skipnet", "policy"].tolist() == ["gates", ""]  # and its forced path
+    assert points.loc[points["label"] == "moe", "policy"].tolist() == ["router", ""]
 
 
 def test_latency_is_never_matched_by_the_old_description_string(tmp_path):
@@ -73,7 +75,8 @@ def test_latency_is_never_matched_by_the_old_description_string(tmp_path):
     frame = frame_of(run)
     old = frame["metric"].isin(["latency", "latency_predicted"]) & (frame["policy"] == "confidence")
     frame.loc[old, "policy"], frame.loc[old, "threshold"] = "confidence[0.9]", np.nan
-    assert tables.operating_points(frame, "latency")["policy"].tolist() == ["confidence@budget0.5"]
+    points = tables.operating_points(frame, "latency")
+    assert points.loc[points["source"] == "policy", "policy"].tolist() == ["confidence@budget0.5"]
 
 
 def test_chosen_point_is_fitted_on_validation_or_learned(run_dir):
