@@ -1,0 +1,15 @@
+"""fractalbench's harness. ``harness.benchmark`` is :func:`harness.api.benchmark`, imported on first
+use so that ``import harness`` (e.g. in a measurement worker process) stays light."""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["benchmark"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "benchmark":
+        from harness.api import benchmark
+
+        return benchmark
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

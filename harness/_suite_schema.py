@@ -153,6 +153,11 @@ TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (ha
                                                "and loss (fp32 weights and gradients); measurement is always fp32"),
     "compile": described(Flag, "torch.compile the training step (inductor; the first steps take a minute to "
                                "compile; measurement always runs the plain model)"),
+    "channels_last": described(Flag, "train in channels-last memory format (faster convolutions on GPUs)"),
+    "sync_batchnorm": described(Flag, "under torchrun/DDP: batch-norm statistics over every rank's samples "
+                                      "(SyncBatchNorm)"),
+    "device_batches": described(Flag, "assemble and augment batches as tensors on the training device when "
+                                      "the dataset is in memory (off: the DataLoader path)"),
 })
 
 #: A suite's ``latency:`` section: these fields of LatencySettings (the others are the runner's).
@@ -290,6 +295,18 @@ class CompareSection(Section):
                                                              "chi-square test") = None
 
 
+class ResourcesSection(Section):
+    """What each cell asks a cluster for when it runs as its own job (`fractalbench run --executor slurm` or
+    `local`); the cell's numbers do not depend on it (editing it reruns nothing)."""
+
+    gpus: described(whole(0) | None, "GPUs per cell job; null: 1 for a cell on a cuda device, 0 on cpu") = None
+    cpus: described(whole(1), "CPU cores per cell job (Slurm's cpus-per-task; the cell's torch threads)") = 4
+    mem_gb: described(whole(1), "memory per cell job, GiB") = 16
+    timeout_min: described(whole(1), "wall-clock limit per job, minutes; a job that reaches it (or is preempted) "
+                                     "is requeued and resumes from its last epoch checkpoint") = 240
+    partition: described(Text | None, "Slurm partition; null: the cluster's default") = None
+
+
 #: The thresholds given (unset and null ones are left out), as reports.compare.Thresholds.updated takes them.
 CompareThresholds = Annotated[dict[str, float], parsed_as(CompareSection, lambda s: s.model_dump(exclude_none=True))]
 
@@ -315,6 +332,8 @@ class Suite(Section):
     budgets: described(tuple[number(ge=0, le=1), ...], "compute budgets, fractions of the last exit's MACs; each "
                                                        "gets thresholds fitted on the validation split") = ()
     compare: described(CompareThresholds, "regression thresholds of `fractalbench compare` for runs of this suite") = {}
+    resources: described(ResourcesSection, "per-cell job resources for `fractalbench run --executor slurm|local`") = (
+        Field(default_factory=ResourcesSection))
     _path: str = PrivateAttr("<suite>")
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
 

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CELLS_FAILED = 1  # `run`: some cell failed (its error is stored as data; the others ran)
+EXIT_CHECK_FAILED = 1  # `check`: a contract check failed
 
 
 class CliError(Exception):
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_list, _add_run, _add_show, _add_profile, _add_evaluate, _add_report, _add_compare, _add_baseline,
-                _add_schema, _add_export):
+    for add in (_add_list, _add_run, _add_show, _add_profile, _add_check, _add_evaluate, _add_report, _add_compare,
+                _add_baseline, _add_schema, _add_export):
         add(sub)
     return parser
 
@@ -116,6 +117,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "records go to DIR/stale/remeasure-<time>/")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="hide training progress bars")
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="run up to N cells at once, each in its own process (CUDA: one GPU per cell; CPU: the "
+                        "threads split between cells); default 1: one after the other in this process "
+                        "(--executor slurm: every cell at once)")
+    p.add_argument("--executor", choices=("process", "local", "slurm"), default="process",
+                   help="where cells run: process (this machine), local (submitit's local executor) or slurm "
+                        "(one Slurm job per cell through submitit, resources from the suite's `resources:`; "
+                        "--out must be on storage the nodes share)")
 
 
 def _add_show(sub: argparse._SubParsersAction) -> None:
@@ -125,7 +134,8 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="per-module breakdown of one model: MACs, parameters, time share")
+    p = sub.add_parser("profile", help="per-module breakdown of one model: MACs, parameters, time share; a dynamic "
+                                       "model's cost table (forced exits, cost units)")
     p.add_argument("model", help="registered model name (e.g. resnet56, timm:resnet18)")
     p.add_argument("--input-size", type=_positive_int, default=None,
                    help="image side in pixels (default: the model card's)")
@@ -133,6 +143,19 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=_positive_int, default=10)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--batch-size", type=_positive_int, default=1)
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="run the dynamic contract on random input; one line per check",
+                       description="Check MODEL's contract on a random batch: forced exits, real decisions, batch-1 vs "
+                                   "batched, cost table vs counted MACs, ops without a MAC formula, real stopping and "
+                                   "masked mode (harness/checker.py). Prints one line per check, ok or FAIL: what "
+                                   "differs. Exit 0: all ok; 1: a check failed; 2: bad input.")
+    p.add_argument("model", help="registered model name (e.g. branchynet_resnet20, sdn:resnet20, timm:resnet18)")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="image side in pixels (default: the model card's)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="random samples (default: 8, or 2 x the exits if more; at least 2)")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -240,7 +263,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = suite.with_data_root(str(args.data_root))
     out = args.out or Path("runs") / suite.name
     summary = run_suite(suite, out, devices=args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                        echo=lambda s: print(s, flush=True), remeasure=args.remeasure)
+                        echo=lambda s: print(s, flush=True), remeasure=args.remeasure, jobs=args.jobs,
+                        executor=args.executor)
     print(f"\n{len(summary.finished)} cell(s) finished, {len(summary.skipped)} skipped (already done), "
           f"{len(summary.failed)} failed in {summary.seconds:.1f} s; results in {out}")
     if summary.interrupted:
@@ -279,15 +303,27 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from harness.devices import check_device
-    from harness.metrics.profile import format_profile, profile_model
-    from harness.registry import model_card
+    from harness.metrics.profile import cost_profile, format_cost_profile, format_profile, profile_model
+    from harness.registry import create_model, model_card
 
     check_device(args.device)
     size = args.input_size or model_card(args.model).input_size
-    table = profile_model(args.model, input_size=size, device=args.device, batch_size=args.batch_size,
-                          in_chans=args.in_chans, num_classes=args.num_classes)
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    table = profile_model(model, input_size=size, device=args.device, batch_size=args.batch_size,
+                          in_chans=args.in_chans)
     print(format_profile(table))
+    costs = cost_profile(model, size, args.device, in_chans=args.in_chans)
+    if costs:  # a dynamic model: what one sample runs, beside the forward() path above
+        print("\n" + format_cost_profile(costs))
     return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness.checker import check_registered
+
+    report = check_registered(args.model, args.input_size, args.batch_size)
+    print(report.text())
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -412,7 +448,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return tabulate(rows, headers=header, tablefmt="simple")
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "evaluate": cmd_evaluate,
+COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "profile": cmd_profile, "check": cmd_check,
+            "evaluate": cmd_evaluate,
             "report": cmd_report, "compare": cmd_compare, "baseline": cmd_baseline, "schema": cmd_schema,
             "export": cmd_export}
 

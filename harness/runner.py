@@ -4,7 +4,9 @@ The steps of a cell and the typed state they share are in :mod:`harness.steps`. 
 are written atomically as soon as it finishes; running the same run directory again skips
 finished cells (resume); after an edit of the suite only the cells whose entry changed run again
 (:func:`cell_digests`). A cell that raises is stored as an error row and the run goes
-on. Ctrl-C stops the run after the finished cells are safely on disk.
+on. Ctrl-C stops the run after the finished cells are safely on disk. With ``jobs`` > 1 or a
+submitit ``executor`` the cells run in other processes (:mod:`harness.executors`), with the same
+per-cell files, resume and failure records.
 """
 from __future__ import annotations
 
@@ -69,9 +71,9 @@ def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
     return [Cell(m, d, dev, seed) for d in suite.datasets for m in suite.models for seed in seeds for dev in devs]
 
 
-# Suite keys that do not change any cell's numbers (they only name, describe or choose cells; the
-# seed of a cell of a several-seed suite is part of its own identity).
-_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds")
+# Suite keys that do not change any cell's numbers (they only name, describe or choose cells, or say
+# what a cluster job asks for; the seed of a cell of a several-seed suite is part of its own identity).
+_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds", "resources")
 
 
 def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, str]:
@@ -157,11 +159,19 @@ def _earlier_record(store: RunStore, cell_id: str) -> list[dict[str, Any]]:
 
 
 def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, progress: bool = False,
-              echo: Callable[[str], None] = lambda s: None, remeasure: bool = False) -> RunSummary:
+              echo: Callable[[str], None] = lambda s: None, remeasure: bool = False, jobs: int | None = None,
+              executor: str = "process") -> RunSummary:
     """Run every cell of ``suite`` into ``out_dir``; finished cells there are skipped (with
-    ``remeasure``: set aside first and measured again from their checkpoints)."""
+    ``remeasure``: set aside first and measured again from their checkpoints). ``executor`` "process"
+    with ``jobs`` None or 1 runs the cells one after the other in this process; more ``jobs``, or
+    executor "local"/"slurm" (submitit), runs them elsewhere (:func:`harness.executors.run_elsewhere`)."""
+    in_process = executor == "process" and (jobs or 1) == 1
     for dev in devices or suite.devices:
         check_device(dev)
+    if not in_process:
+        from harness.executors import check_executor
+
+        check_executor(executor, jobs)
     store = RunStore(out_dir)
     _check_run_dir(store, suite, echo)
     splits_cache: dict[DatasetConfig, DataSplits] = {}
@@ -174,28 +184,22 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     store.write_meta("suite.json", {"name": suite.name, "path": suite.path, "digest": suite.digest,
                                     "content": suite.raw})
     environment = collect_environment()
+    if not in_process:
+        from harness.executors import execution_info
+
+        environment["execution"] = execution_info(executor, jobs)
     store.write_meta("environment.json", environment)
     cells = plan_cells(suite, devices)
     summary = RunSummary(out_dir)
     t0 = time.perf_counter()
     try:
-        for i, cell in enumerate(cells, 1):
-            if store.is_done(cell.cell_id):
-                summary.skipped.append(cell.cell_id)
-                echo(f"[{i}/{len(cells)}] {cell.cell_id}: already done, skipped")
-                continue
-            started = time.perf_counter()
-            record = run_cell(cell, suite, store, splits_cache[cell.dataset], progress=progress,
-                              commit=environment["git_commit"])
-            store.write_cell(record)
-            store.write_tables()
-            took = time.perf_counter() - started
-            if record.status == "ok":
-                summary.finished.append(cell.cell_id)
-                echo(f"[{i}/{len(cells)}] {cell.cell_id}: ok ({took:.1f} s)")
-            else:
-                summary.failed.append(cell.cell_id)
-                echo(f"[{i}/{len(cells)}] {cell.cell_id}: FAILED ({record.error.splitlines()[0]})")
+        if in_process:
+            _run_here(cells, suite, store, splits_cache, summary, progress, echo, environment["git_commit"])
+        else:
+            from harness.executors import run_elsewhere
+
+            run_elsewhere(cells, suite, store, summary, echo, executor=executor, jobs=jobs,
+                          commit=environment["git_commit"], splits=splits_cache)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
@@ -204,14 +208,51 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     return summary
 
 
+def _run_here(cells: list[Cell], suite: Suite, store: RunStore, splits_cache: dict[DatasetConfig, DataSplits],
+              summary: RunSummary, progress: bool, echo: Callable[[str], None], commit: str) -> None:
+    """Run ``cells`` one after the other in this process, writing each one's file as it finishes."""
+    for i, cell in enumerate(cells, 1):
+        if store.is_done(cell.cell_id):
+            summary.skipped.append(cell.cell_id)
+            echo(f"[{i}/{len(cells)}] {cell.cell_id}: already done, skipped")
+            continue
+        started = time.perf_counter()
+        record = run_cell(cell, suite, store, splits_cache[cell.dataset], progress=progress, commit=commit)
+        store.write_cell(record)
+        store.write_tables()
+        took = time.perf_counter() - started
+        if record.status == "ok":
+            summary.finished.append(cell.cell_id)
+            echo(f"[{i}/{len(cells)}] {cell.cell_id}: ok ({took:.1f} s)")
+        else:
+            summary.failed.append(cell.cell_id)
+            echo(f"[{i}/{len(cells)}] {cell.cell_id}: FAILED ({record.error.splitlines()[0]})")
+
+
+def cell_fields(cell: Cell, suite: Suite, store: RunStore) -> dict[str, Any]:
+    """The fields every row of ``cell`` carries (run, suite, cell id, model, dataset, device, seed)."""
+    return {"run_id": store.run_id, "suite": suite.name, "cell_id": cell.cell_id, "model": cell.model.display,
+            "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device,
+            "seed": cell.train_seed(suite)}
+
+
+def cell_meta(cell: Cell, suite: Suite, commit: str) -> dict[str, Any]:
+    """The start of a cell record's ``meta``: what ran (model, options, dataset, device, seed, commit)."""
+    return {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label,
+            "device": cell.device, "seed": cell.train_seed(suite), "git_commit": commit}
+
+
+def error_record(cell: Cell, suite: Suite, store: RunStore, message: str, meta: dict[str, Any]) -> CellRecord:
+    """The record of a failed cell: one ``error`` row carrying ``message``."""
+    return CellRecord(cell.cell_id, "error", [make_row("error", None, "", error=message,
+                                                       **cell_fields(cell, suite, store))], message, meta)
+
+
 def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, progress: bool = False,
              commit: str = "") -> CellRecord:
     """Run one cell; any exception becomes an error record (KeyboardInterrupt propagates)."""
-    fields = {"run_id": store.run_id, "suite": suite.name, "cell_id": cell.cell_id, "model": cell.model.display,
-              "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device,
-              "seed": cell.train_seed(suite)}
-    meta = {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label, "device": cell.device,
-            "seed": cell.train_seed(suite), "git_commit": commit}  # a resumed run's cells: maybe several commits
+    fields = cell_fields(cell, suite, store)
+    meta = cell_meta(cell, suite, commit)  # a resumed run's cells: maybe several commits
     try:
         spec = ModelSpec(cell.model.name, dict(cell.model.kwargs), splits.num_classes, splits.in_chans)
         torch.manual_seed(cell.train_seed(suite))
@@ -234,7 +275,7 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
         message = f"{type(exc).__name__}: {exc}"
         log.debug("cell %s failed:\n%s", cell.cell_id, traceback.format_exc())
         meta["traceback"] = traceback.format_exc(limit=8)
-        return CellRecord(cell.cell_id, "error", [make_row("error", None, "", error=message, **fields)], message, meta)
+        return error_record(cell, suite, store, message, meta)
 
 
 def _card_dict(name: str) -> dict[str, Any]:

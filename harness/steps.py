@@ -44,15 +44,25 @@ def step_parameters(s: CellState) -> Rows:
     return rows
 
 
+def _covers_every_epoch(row: dict[str, Any]) -> bool:
+    """Whether an earlier train_seconds row timed every epoch (it started from scratch, or says so)."""
+    from harness.results import detail_of
+
+    detail = detail_of(row.get("detail"))
+    return detail.get("resumed_from_epoch") == 0 or str(detail.get("covers", "")).startswith("every epoch")
+
+
 def _train_rows(s: CellState, result: Any, epochs: int, **point: Any) -> Rows:
     """Training time (every epoch, resumed ones included, when the checkpoint kept their times; else
     this call's; a remeasured cell whose checkpoint ran no epoch keeps its first record's) and the
     last epoch's loss terms."""
     seconds, covers = result.total_seconds, "every epoch"
     if seconds is None:
-        seconds, covers = result.seconds, f"the {result.epochs_run} epoch(s) run in this call"
+        seconds, covers = result.seconds, (f"the {result.epochs_run} epoch(s) run in this call; earlier epochs "
+                                           "were not timed" if result.resumed_from_epoch else "every epoch")
         same = ("train_seconds", point.get("policy", ""), point.get("threshold"))
-        earlier = [r for r in s.previous_rows if (r.get("metric"), r.get("policy") or "", r.get("threshold")) == same]
+        earlier = [r for r in s.previous_rows if (r.get("metric"), r.get("policy") or "", r.get("threshold")) == same
+                   and _covers_every_epoch(r)]
         if result.epochs_run == 0 and earlier:
             seconds, covers = earlier[0]["value"], "every epoch, from the cell's record before it was remeasured"
     rows = [s.row("train_seconds", seconds, "s", split="train", **point,
@@ -289,21 +299,32 @@ def stream_points(s: CellState) -> tuple[StreamPoint, ...]:
 
 
 def step_latency(s: CellState) -> Rows:
+    """Latency in worker processes that rebuild the model from its spec and weights; a model that
+    cannot be rebuilt there (:func:`harness.api.in_process_reason`) is measured here, rows labelled."""
     from dataclasses import replace
 
-    from harness.metrics.latency import latency_rows
+    from harness.api import in_process_reason, label_in_process
+    from harness.metrics.latency import latency_rows, measure_latency
 
     settings = replace(s.suite.latency, device=s.device, policies=stream_points(s))
     inputs = _inputs(s.splits.test, max(settings.stream_samples, max(settings.batch_sizes)))
+    why = in_process_reason(s.spec)
+    if why:
+        return label_in_process(measure_latency(s.model, inputs, settings, **s.fields), why)
     return latency_rows(s.spec, s.need("weights"), inputs, settings, **s.fields)
 
 
 def step_memory(s: CellState) -> Rows:
+    """Peak memory, isolated or (for a model that cannot be rebuilt) here, as :func:`step_latency`."""
     from dataclasses import replace
 
-    from harness.metrics.memory import memory_rows
+    from harness.api import in_process_reason, label_in_process
+    from harness.metrics.memory import measure_memory, memory_rows
 
     settings = replace(s.suite.memory, device=s.device, threads=s.suite.latency.threads)
+    why = in_process_reason(s.spec)
+    if why:
+        return label_in_process(measure_memory(s.model, input_shape(s.splits), settings, **s.fields), why)
     return memory_rows(s.spec, s.need("weights"), input_shape(s.splits), settings, **s.fields)
 
 

@@ -2,9 +2,15 @@
 
 The loss minimised is the sum of ``contract.loss_terms(model, x, y)``; each term's epoch mean is
 recorded. SGD or Adam, step or cosine schedule, fp32 or bf16 autocast (``precision``), an optional
-``torch.compile`` of the training step (``compile``; inductor needs a C++ compiler), seeded
-shuffling, a checkpoint after every epoch (resumed when present), a progress bar, and a clear error
-when the loss stops being finite.
+``torch.compile`` of the training step (``compile``; inductor needs a C++ compiler), channels-last
+memory format (``channels_last``), seeded shuffling, a checkpoint after every epoch (resumed when
+present), a progress bar, and a clear error when the loss stops being finite.
+
+Keeping a GPU busy: an in-memory image dataset is batched on the device (:mod:`harness._batches`:
+uint8 images moved once, each batch gathered, normalised and augmented there, vectorised), and a
+step never synchronises with the host: loss terms are summed on the device and a non-finite loss
+is found when the host looks, every ``CHECK_EVERY`` steps and at the end of the epoch, still naming
+the step where it began (:class:`_LossWatch`).
 
 Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs with DistributedDataParallel: each rank
 takes an interleaved shard of every global batch (DistributedSampler), so with a batch of B and
@@ -15,6 +21,7 @@ without a gradient (unchosen experts, closed gates, dropped FractalNet columns) 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -29,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from harness import contract
+from harness._batches import DeviceBatches, device_batches_for
 from harness._images import loader_workers
 from harness.checkpoints import CheckpointError, load_model_state, read_checkpoint, save_checkpoint
 from harness.contract import LossTermsModule, ddp_find_unused_parameters
@@ -62,6 +70,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     precision: str = "fp32"
     compile: bool = False
+    channels_last: bool = False
+    sync_batchnorm: bool = False
+    device_batches: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -127,17 +138,32 @@ class _Loop:
 
     objective: nn.Module
     sampler: DistributedSampler
-    loader: DataLoader
+    loader: DataLoader | DeviceBatches
     steps: int
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     rank: int
 
 
-def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig) -> _Loop:
+def _loader(train_set: Dataset, sampler: DistributedSampler, batch_size: int, cfg: TrainConfig,
+            device: str) -> DataLoader | DeviceBatches:
+    """Batches on the device (:mod:`harness._batches`) when the dataset allows it, else a DataLoader."""
+    fast = device_batches_for(train_set) if cfg.device_batches else None
+    if fast is not None:
+        return DeviceBatches(*fast, sampler, batch_size, device, cfg.seed)
+    workers = loader_workers(train_set)
+    return DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      persistent_workers=workers > 0)
+
+
+def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig, device: str = "cpu") -> _Loop:
     rank, world = distributed_env()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if cfg.sync_batchnorm and world > 1:  # batch statistics over every rank's shard (in place: the model's own)
+        _sync_batchnorm(model)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     objective: nn.Module = LossTermsModule(model)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(
@@ -146,15 +172,21 @@ def _make_loop(model: nn.Module, train_set: Dataset, cfg: TrainConfig) -> _Loop:
         objective = torch.compile(objective)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,  # type: ignore[arg-type]
                                  seed=cfg.seed, drop_last=True)
-    workers = loader_workers(train_set)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = _loader(train_set, sampler, cfg.batch_size // world, cfg, device)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     if steps == 0:
         raise ValueError(f"the training set ({len(train_set)} samples) is smaller "  # type: ignore[arg-type]
                          f"than one batch ({cfg.batch_size})")
     opt = make_optimizer(model, cfg)
     return _Loop(objective, sampler, loader, steps, opt, make_scheduler(opt, cfg, steps), rank)
+
+
+def _sync_batchnorm(model: nn.Module) -> None:
+    """Replace every BatchNorm child of ``model`` with SyncBatchNorm (same parameters and buffers)."""
+    for name, child in model.named_children():
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(model, name, converted)
 
 
 def _resume(model: nn.Module, loop: _Loop, checkpoint: Path | None) -> tuple[int, list[dict[str, float]], list[float]]:
@@ -173,34 +205,65 @@ def _resume(model: nn.Module, loop: _Loop, checkpoint: Path | None) -> tuple[int
     return int(state["epoch"]), list(extra.get("history", [])), [float(t) for t in extra.get("epoch_seconds", [])]
 
 
+CHECK_EVERY = 25  # steps between the host's looks at the loss (the only synchronisation in an epoch)
+
+
+class _LossWatch:
+    """Loss sums and the first non-finite step, kept on the device: stepping never waits for the
+    device; :meth:`check` (every CHECK_EVERY steps and at the end of the epoch) reads one flag."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.sums, self.first_bad, self.bad_terms = epoch, {}, None, None
+
+    def add(self, step: int, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        values = {**{k: v.detach().float() for k, v in terms.items()}, "loss": loss.detach().float()}
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        stacked = torch.stack(list(values.values()))
+        bad = ~torch.isfinite(loss.detach())
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.bad_terms = torch.zeros_like(stacked)
+        new = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(new, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_terms = torch.where(new, stacked, self.bad_terms)
+
+    def check(self, step: int) -> None:
+        if self.first_bad is None or int(self.first_bad) < 0:
+            return
+        names = list(self.sums)
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(names, self.bad_terms.tolist()))
+        raise TrainingError(f"loss is not finite at epoch {self.epoch + 1}, step {int(self.first_bad) + 1} "
+                            f"({detail}; seen at step {step + 1}); lower the learning rate or check the data")
+
+
 def _train_epoch(loop: _Loop, epoch: int, cfg: TrainConfig, device: str, progress: bool) -> dict[str, float]:
     """One epoch of optimisation; the epoch mean of every loss term (and of their sum, ``loss``)."""
-    sums: dict[str, float] = {}
+    watch = _LossWatch(epoch)
     bar = _progress(loop.steps, f"epoch {epoch + 1}/{cfg.epochs}", progress and loop.rank == 0)
-    for step, (x, y) in enumerate(loop.loader):
-        if step >= loop.steps:
-            break
+    step = -1
+    for step, (x, y) in enumerate(itertools.islice(loop.loader, loop.steps)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             terms = loop.objective(x, y)
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise TrainingError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} ({detail}); "
-                                "lower the learning rate or check the data")
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         loop.opt.step()
         loop.sched.step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        watch.add(step, terms, loss)
+        if (step + 1) % CHECK_EVERY == 0:
+            watch.check(step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(watch.sums['loss']) / (step + 1):.3f}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+    watch.check(step)
     if bar is not None:
         bar.close()
-    return {k: v / loop.steps for k, v in sums.items()}
+    return {k: float(v) / loop.steps for k, v in watch.sums.items()}
 
 
 def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, device: str = "cpu",
@@ -209,7 +272,7 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
     """Train ``model`` in place for ``cfg.epochs`` epochs; resume from ``checkpoint`` if it exists."""
     seed_everything(cfg.seed)
     model.to(device)
-    loop = _make_loop(model, train_set, cfg)
+    loop = _make_loop(model, train_set, cfg, device)
     start_epoch, history, epoch_seconds = _resume(model, loop, checkpoint)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -217,6 +280,8 @@ def train_model(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, devic
         model.train()
         contract.on_train_epoch(model, epoch, cfg.epochs)  # e.g. SDN's loss-weight ramp
         loop.sampler.set_epoch(epoch)
+        if isinstance(loop.loader, DeviceBatches):
+            loop.loader.set_epoch(epoch)
         # a per-epoch generator keeps augmentation identical whether or not training was resumed
         torch.manual_seed(cfg.seed * 1000 + epoch)
         means = _train_epoch(loop, epoch, cfg, device, progress)

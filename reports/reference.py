@@ -30,7 +30,8 @@ _RECIPE_PAIR = re.compile(r"([\w.]+)=(\S+)")
 #: harness.train.TrainConfig's defaults (that module needs torch; tests/reports check they agree).
 TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
                                   "weight_decay": 5e-4, "schedule": "cosine", "milestones": (), "gamma": 0.1,
-                                  "max_steps_per_epoch": None, "precision": "fp32", "compile": False}
+                                  "max_steps_per_epoch": None, "precision": "fp32", "compile": False,
+                                  "channels_last": False, "sync_batchnorm": False, "device_batches": True}
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which harness.train.make_optimizer keeps
 
 

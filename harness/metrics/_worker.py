@@ -77,9 +77,9 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         model = build_model(spec, job.get("checkpoint"))
         return measure_latency(model, inputs, LatencySettings.from_dict(settings), isolated=True, **row_fields)
     if job["task"] == "memory":
-        from harness.registry import discover
+        from harness.registry import model_card
 
-        discover()  # importing the baselines is not weights
+        model_card(spec.name)  # importing the baselines, plugins and an import path's module is not weights
         gc.collect()
         malloc_trim()
         before = _rss_bytes()

@@ -138,3 +138,60 @@ def format_profile(table: list[dict[str, Any]], max_depth: int | None = None) ->
     if head.get("unsupported_ops"):
         note += f"\nops without a MAC formula (not counted): {', '.join(sorted(head['unsupported_ops']))}"
     return text + "\n" + note
+
+
+def cost_profile(model: nn.Module, input_size: int | Sequence[int] = 32, device: str = "cpu", *,
+                 in_chans: int = 3) -> list[dict[str, Any]]:
+    """The cost table of a dynamic model at batch 1 (:func:`harness.metrics.flops.build_cost_table`,
+    random normal input of ``input_size``), one dict per row: ``part`` is ``exit`` (exit k's forced
+    path: what a sample that leaves there runs, cumulative), ``unit`` (a cost unit: a sample's MACs
+    are the sum over units of its count x the unit's MACs) or ``forward`` (``forward()`` at batch 1,
+    where it is a fixed path); ``name``, ``macs``, ``baseline`` (units) and the MACs by role
+    (backbone, heads, gates, routers). [] for a static model (its cost is the forward profile)."""
+    from harness import contract
+    from harness.metrics.flops import build_cost_table
+
+    if not contract.is_dynamic(model):
+        return []
+    device = check_device(device)
+    shape = _input_shape(input_size, in_chans)
+    model = model.to(device)
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    table = build_cost_table(model, x)
+    rows = [{"part": "exit", "name": f"exit {k}", "macs": macs, "baseline": None, **table.exit_roles[k]}
+            for k, macs in enumerate(table.exits)]
+    rows += [{"part": "unit", "name": name, "macs": macs, "baseline": table.baselines[name], **table.unit_roles[name]}
+             for name, macs in table.units.items()]
+    if table.forward_count is not None:
+        rows.append({"part": "forward", "name": "forward()", "macs": table.forward_count.total, "baseline": None,
+                     **table.roles_of(table.forward_count)})
+    for row in rows:
+        row["input_shape"] = [1, *shape]
+    return rows
+
+
+def format_cost_profile(rows: list[dict[str, Any]]) -> str:
+    """The cost table of :func:`cost_profile` as text (the CLI prints it after the module profile):
+    the forced exits, the cost units, and how they relate to ``forward()``; "" for no rows."""
+    from tabulate import tabulate
+
+    if not rows:
+        return ""
+    roles = ["backbone", "heads", "gates", "routers"]
+    table = lambda part, first: tabulate(  # noqa: E731
+        [[r["name"], _human(r["macs"]), r["baseline"] or "", *(_human(r[k]) for k in roles)]
+         for r in rows if r["part"] == part], headers=[first, "MACs", "baseline", *roles],
+        colalign=("left", "right", "left", "right", "right", "right", "right"))
+    exits = [r["macs"] for r in rows if r["part"] == "exit"]
+    forward = [r for r in rows if r["part"] == "forward"]
+    text = [f"cost table at batch 1, input {rows[0]['input_shape']}: what one sample runs",
+            "", table("exit", "forced exit (cumulative path)"), "", table("unit", "cost unit"), "",
+            "a sample's MACs = sum over cost units of (times it ran the unit) x the unit's MACs"
+            + (f": {_human(min(exits))} to {_human(max(exits))} by the exit it takes" if len(exits) > 1 else "")]
+    if forward:
+        text.append(f"forward() (the module profile above) is one fixed path, {_human(forward[0]['macs'])} at "
+                    f"batch 1; what a sample costs is its forced exit's path above")
+    else:
+        text.append("forward() decides per sample (gates or routers): the module profile above shows one batch's "
+                    "decisions; the cost units give each sample's cost")
+    return "\n".join(text)

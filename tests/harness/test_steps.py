@@ -103,13 +103,14 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_engine_imports_no_baseline_and_no_report():
-    """Only the registry's discovery imports ``baselines``; only the CLI imports ``reports``."""
+    """Only the registry's discovery imports ``baselines``; only the entry points (the CLI and the
+    Python API, which write reports) import ``reports``."""
     offenders = []
     for path in sorted(HARNESS.rglob("*.py")):
         for module in _imports(path):
             top = module.split(".")[0]
             if top == "baselines" and path.name != "registry.py":
                 offenders.append(f"{path.name}: {module}")
-            if top == "reports" and path.name != "cli.py":
+            if top == "reports" and path.name not in ("cli.py", "api.py"):
                 offenders.append(f"{path.name}: {module}")
     assert offenders == []
