@@ -181,10 +181,6 @@ def _groups(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, 
     return out
 
 
-def _index(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
-    return {key: group[0] for key, group in _groups(rows).items()}
-
-
 def _seed_group_pair(bgroup: list[Mapping[str, Any]], cgroup: list[Mapping[str, Any]],
                      th: Thresholds) -> tuple[MetricComparison, AccuracyTest] | None:
     """An accuracy row of which a side holds several seeds: the seed-group test (None otherwise)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.outcomes import threshold_key as _outcome_threshold_key
 from harness.results import ROW_FIELDS, RunData, open_run
 
 GROUP = ["run", "label", "model", "dataset", "device"]
@@ -148,6 +149,6 @@ def none_if_nan(t: Any) -> Any:
 
 
 def threshold_key(t: Any) -> float | None:
-    """A threshold as a dictionary key: None, or rounded to 9 decimals so float noise never splits a point."""
-    t = none_if_nan(t)
-    return None if t is None else round(float(t), 9)
+    """A threshold as a dictionary key: None, or rounded to 9 decimals so float noise never splits a
+    point (the rule per-sample outcomes are keyed by, :func:`harness.outcomes.threshold_key`)."""
+    return _outcome_threshold_key(t)
