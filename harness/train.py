@@ -1,10 +1,11 @@
 """One trainer for every model, driven by the model's declared objective (named loss terms).
 
 The loss minimised is the sum of ``contract.loss_terms(model, x, y)``; each term's epoch mean is
-recorded. SGD or Adam, step or cosine schedule, fp32 or bf16 autocast (``precision``), an optional
-``torch.compile`` of the training step (``compile``; inductor needs a C++ compiler), channels-last
-memory format (``channels_last``), seeded shuffling, a checkpoint after every epoch (resumed when
-present), a progress bar, and a clear error when the loss stops being finite.
+recorded. SGD or Adam, step or cosine schedule with an optional linear warm-up (``warmup_epochs``),
+fp32 or bf16 autocast (``precision``), an optional ``torch.compile`` of the training step
+(``compile``; inductor needs a C++ compiler), channels-last memory format (``channels_last``),
+seeded shuffling, a checkpoint after every epoch (resumed when present), a progress bar, and a
+clear error when the loss stops being finite.
 
 Keeping a GPU busy: an in-memory image dataset is batched on the device (:mod:`harness._batches`:
 uint8 images moved once, each batch gathered, normalised and augmented there, vectorised), and a
@@ -66,6 +67,7 @@ class TrainConfig:
     schedule: str = "cosine"
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
+    warmup_epochs: float = 0.0
     seed: int = 0
     max_steps_per_epoch: int | None = None
     precision: str = "fp32"
@@ -81,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.warmup_epochs <= max(self.epochs, 0):
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie between 0 and epochs ({self.epochs})")
 
 
 @dataclass
@@ -121,15 +125,33 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Step -> multiple of ``cfg.lr``. A warm-up of ``warmup_epochs`` rises linearly from lr/W to lr over
+    its W steps (Goyal et al. 2017); the cosine decay then runs over the steps after it, the step
+    schedule's milestones stay where they are."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule == "cosine":
+        span = max(1, total - warm)
+
+        def base(s: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(max(s - warm, 0), span) / span))
+    elif cfg.schedule == "step":
+        bounds = [m * steps_per_epoch for m in cfg.milestones]
+
+        def base(s: int) -> float:
+            return cfg.gamma ** sum(s >= b for b in bounds)
+    else:
+        def base(s: int) -> float:
+            return 1.0
+    if not warm:
+        return base
+    return lambda s: base(s) * min(1.0, (s + 1) / warm)
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    if cfg.schedule == "step":
-        bounds = [m * steps_per_epoch for m in cfg.milestones]
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.gamma ** sum(s >= b for b in bounds))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
 
 @dataclass

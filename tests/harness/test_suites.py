@@ -62,6 +62,18 @@ def test_model_training_overrides_and_digest():
 
 
 @pytest.mark.parametrize("raw, message", [
+    (with_(train={"epochs": 2}, models=[{"name": "resnet20"}, {"name": "resnet32", "train": {"warmup_epochs": 3}}]),
+     r"field 'models\[1\].train' \(resnet32\): warmup_epochs 3.0 must lie between 0 and epochs \(2\)"),
+    (with_(train={"epochs": 2}, models=[{"name": "skipnet38", "attribute_sweep": {
+        "attribute": "alpha", "values": [0.1], "train": {"epochs": 1, "warmup_epochs": 1.5}}}]),
+     r"field 'models\[0\].attribute_sweep.train' \(skipnet38\): warmup_epochs 1.5 must lie between 0 and epochs"),
+])
+def test_merged_training_of_an_entry_is_checked(raw, message):
+    with pytest.raises(SuiteError, match=message):
+        parse_suite(raw)
+
+
+@pytest.mark.parametrize("raw, message", [
     (with_(models=[{"name": "resnet20"}, {"name": "resnet32"},
                    {"name": "skipnet38", "attribute_sweep": {"attribute": "alpha", "values": ["x"]}}]),
      "field 'models[2].attribute_sweep.values[0]': must be a number, got 'x'"),

@@ -166,3 +166,32 @@ def test_ddp_two_processes_train_a_moe_whose_experts_are_not_all_chosen(tmp_path
     state = torch.load(out, weights_only=True)
     assert state["extra"]["world_size"] == 2
     assert all(torch.isfinite(w).all() for w in state["model"].values() if w.is_floating_point())
+
+
+def test_warmup_rises_linearly_then_the_cosine_runs_over_the_remaining_steps():
+    from harness.train import lr_factor, make_scheduler
+    # 2 epochs of 10 steps, warm-up 0.5 epoch = 5 steps: 1/5 .. 5/5, then cosine over 15 steps
+    f = lr_factor(TrainConfig(epochs=2, warmup_epochs=0.5, schedule="cosine"), 10)
+    assert [round(f(s), 12) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert f(5) == 1.0 and abs(f(5 + 5) - 0.75) < 1e-12 and abs(f(20) - 0.0) < 1e-12  # cos(pi/3) -> 0.75
+    # without warm-up the cosine is the one over all steps (unchanged recipes keep their schedule)
+    g = lr_factor(TrainConfig(epochs=2, schedule="cosine"), 10)
+    assert g(0) == 1.0 and abs(g(10) - 0.5) < 1e-12
+    # step schedule: milestones stay in epochs from the start
+    h = lr_factor(TrainConfig(epochs=3, warmup_epochs=1, schedule="step", milestones=(2,), gamma=0.1), 4)
+    assert [round(h(s), 12) for s in range(12)] == [0.25, 0.5, 0.75, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1]
+    # the optimiser really sees it
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = make_scheduler(opt, TrainConfig(epochs=1, lr=0.1, warmup_epochs=1, schedule="none"), 4)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [round(v, 12) for v in seen] == [0.025, 0.05, 0.075, 0.1, 0.1]
+
+
+def test_warmup_longer_than_training_is_refused():
+    with pytest.raises(ValueError, match="warmup_epochs 3 must lie between 0 and epochs \\(2\\)"):
+        TrainConfig(epochs=2, warmup_epochs=3)
