@@ -112,14 +112,36 @@ class Comparison:
         order = {REGRESSION: 0, SLOWER: 1, IMPROVED: 2, MISSING: 3, NEW: 4, OK: 5, INFO: 6}
         chosen = [r for r in self.results if not notable_only or r.status in NOTABLE]
         chosen.sort(key=lambda r: order.get(r.status, 9))
-        out = []
+        out, groups = [], self._one_sided_groups(chosen) if notable_only else {}
         for r in chosen:
             k = r.key
+            group = groups.get((r.status, k.get("model", ""), k.get("dataset", ""), k.get("device", "")))
+            if group is not None:
+                if group:  # the group's first row stands for all of them
+                    metrics = sorted({str(g.key.get("metric", "")) for g in group})
+                    listed = ", ".join(metrics[:6]) + (f" (+{len(metrics) - 6} more)" if len(metrics) > 6 else "")
+                    side = "baseline" if r.status == MISSING else "candidate"
+                    out.append([r.status, *(k.get(c, "") for c in ("model", "dataset", "device")), "", "", "", "",
+                                f"{len(group)} rows: {listed}", "", "", "", "", f"only in the {side}"])
+                    group.clear()
+                continue
             p = "" if r.p_value is None else f"{r.p_value:.2g}"
             out.append([r.status, k.get("model", ""), k.get("dataset", ""), k.get("device", ""),
                         _fmt(k.get("batch_size")), _fmt(k.get("exit")), k.get("policy", ""), _fmt(k.get("threshold")),
                         k.get("metric", ""), _fmt(r.baseline), _fmt(r.candidate), r.change, p, r.note])
         return out
+
+    #: More one-sided (missing / new) rows than this for one model, dataset and device are one line
+    #: in the notable rows (e.g. a cell the other run did not have); the full table lists each.
+    GROUP_ONE_SIDED = 5
+
+    def _one_sided_groups(self, rows: list[MetricComparison]) -> dict[tuple[str, ...], list[MetricComparison]]:
+        groups: dict[tuple[str, ...], list[MetricComparison]] = {}
+        for r in rows:
+            if r.status in (MISSING, NEW):
+                key = (r.status, *(str(r.key.get(c, "")) for c in ("model", "dataset", "device")))
+                groups.setdefault(key, []).append(r)
+        return {k: v for k, v in groups.items() if len(v) > self.GROUP_ONE_SIDED}
 
     HEADERS = ("status", "model", "dataset", "device", "batch", "exit", "policy", "threshold", "metric", "baseline",
                "candidate", "change", "p", "note")

@@ -162,6 +162,20 @@ def test_failed_candidate_cell_is_a_regression(tmp_path):
     assert any(r.status == "missing" and r.key["metric"] == "top1" for r in result.results)
 
 
+def test_a_cell_on_one_side_only_is_one_line_of_the_changes_and_every_row_of_the_full_table():
+    result = compare(rows(1), rows(1, models=("resnet20",)))
+    missing = [r for r in result.results if r.status == "missing"]
+    assert len(missing) > result.GROUP_ONE_SIDED and {r.key["model"] for r in missing} == {"branchynet"}
+    notable = result.rows(notable_only=True)
+    assert [r[1] for r in notable if r[0] == "missing"] == ["branchynet"]
+    line = next(r for r in notable if r[0] == "missing")
+    assert line[8].startswith(f"{len(missing)} rows: ") and line[-1] == "only in the baseline"
+    assert sum(r[0] == "missing" for r in result.rows()) == len(missing)
+    text = result.format_text()
+    assert text.count("\nmissing ") == 1 and f"{len(missing)} rows:" in text
+    assert f"{len(missing)} rows:" in result.to_markdown().split("<details>")[0]
+
+
 # ----- thresholds -------------------------------------------------------------------------------
 
 def test_thresholds_from_the_suite_compare_section_and_arguments(tmp_path):
