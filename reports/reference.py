@@ -30,8 +30,9 @@ _RECIPE_PAIR = re.compile(r"([\w.]+)=(\S+)")
 #: harness.train.TrainConfig's defaults (that module needs torch; tests/reports check they agree).
 TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
                                   "weight_decay": 5e-4, "schedule": "cosine", "milestones": (), "gamma": 0.1,
-                                  "max_steps_per_epoch": None, "precision": "fp32", "compile": False,
-                                  "channels_last": False, "sync_batchnorm": False, "device_batches": True}
+                                  "warmup_epochs": 0.0, "max_steps_per_epoch": None, "precision": "fp32",
+                                  "compile": False, "channels_last": False, "sync_batchnorm": False,
+                                  "device_batches": True}
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which harness.train.make_optimizer keeps
 
 
@@ -112,7 +113,7 @@ def parse_recipe(text: str) -> dict[str, str]:
 def train_recipe(settings: Mapping[str, Any]) -> dict[str, str]:
     """Training settings (a suite's ``train:`` fields, TrainConfig's defaults for the others) as
     recipe pairs: momentum and Nesterov (always on with momentum) only for SGD, Adam's betas only
-    for Adam, milestones and gamma only for the step schedule."""
+    for Adam, milestones and gamma only for the step schedule, a warm-up only when there is one."""
     c = {**TRAIN_DEFAULTS, **settings}
     out = {"epochs": c["epochs"], "batch_size": c["batch_size"], "optimizer": c["optimizer"], "lr": c["lr"]}
     if c["optimizer"] == "sgd":
@@ -122,6 +123,8 @@ def train_recipe(settings: Mapping[str, Any]) -> dict[str, str]:
     out.update(weight_decay=c["weight_decay"], schedule=c["schedule"])
     if c["schedule"] == "step":
         out.update(milestones=tuple(c["milestones"]), gamma=c["gamma"])
+    if c["warmup_epochs"]:
+        out["warmup_epochs"] = float(c["warmup_epochs"])
     if c["max_steps_per_epoch"] is not None:
         out["max_steps_per_epoch"] = c["max_steps_per_epoch"]
     out["precision"] = c["precision"]

@@ -85,6 +85,7 @@ def test_recipe_comparison():
     assert recipe_differences({}, same) is None and recipe_differences(paper, None) is None
     assert train_recipe({"optimizer": "adam"})["betas"] == "0.9,0.999" and "momentum" not in train_recipe(
         {"optimizer": "adam"})
+    assert "warmup_epochs" not in same and train_recipe({"warmup_epochs": 0.5})["warmup_epochs"] == "0.5"
 
 
 def test_dataset_names_match_labels_not_longer_names():
