@@ -132,9 +132,9 @@ def _runtime_registrations(names: set[str]) -> bytes:
 
     from harness import registry
 
-    registry.discover()
-    extra = {n: m for n, m in registry._MODELS.items()  # the registry has no public accessor of entries
-             if n in names and not str(getattr(m.builder, "__module__", "")).startswith(("baselines.", "harness."))}
+    entries = {n: registry.registered(n) for n in sorted(names)}
+    extra = {n: m for n, m in entries.items()
+             if m is not None and not str(getattr(m.builder, "__module__", "")).startswith(("baselines.", "harness."))}
     return cloudpickle.dumps(extra)
 
 
@@ -188,9 +188,8 @@ class CellJob:
 
             from harness import registry
 
-            registry.discover()
             for name, entry in cloudpickle.loads(self.registrations).items():
-                if name not in registry._MODELS:
+                if registry.registered(name) is None:
                     registry.register_model(name, card=entry.card)(entry.builder)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

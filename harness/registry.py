@@ -297,6 +297,13 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
+def registered(name: str) -> RegisteredModel | None:
+    """The registry entry (builder, card, origin) under exactly ``name``, None when there is none
+    (prefixed and import-path names are built on demand and have no entry)."""
+    discover()
+    return _MODELS.get(name)
+
+
 def list_prefixes() -> list[str]:
     discover()
     return sorted(_PREFIXES)

@@ -188,7 +188,12 @@ ZERO_MAC_CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 """Ops that cost 0 MACs by definition, by category (aten names without overload)."""
 
+#: Categories whose ops are free in their in-place form too (``bitwise_and_``, ``mul_``, ``eq_``, ...).
+IN_PLACE_TOO = ("element-wise arithmetic and comparisons", "activations and softmax")
+
 ZERO_MAC_OPS: frozenset[str] = (frozenset(f"aten.{name}" for names in ZERO_MAC_CATEGORIES.values() for name in names)
+                                | frozenset(f"aten.{name}_" for category in IN_PLACE_TOO
+                                            for name in ZERO_MAC_CATEGORIES[category] if not name.endswith("_"))
                                 | frozenset({"prim.layout", "prim.device"}))
 
 

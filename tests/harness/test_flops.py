@@ -141,6 +141,10 @@ def test_zero_mac_ops_are_free_and_the_rest_is_listed():
     listed = count_macs(bilinear, torch.randn(2, 4), torch.randn(2, 5))
     assert listed.unsupported_ops == {"aten._trilinear": 1}  # no formula: reported, not silently 0
     assert "aten.convolution" not in ZERO_MAC_OPS and "aten.view" in ZERO_MAC_OPS
+    a, b = torch.rand(4) > 0.5, torch.rand(4) > 0.5
+    in_place = count_macs(lambda: a.clone().bitwise_and_(b).logical_or_(b).float().mul_(2).sigmoid_().eq_(1))
+    assert in_place.total == 0 and in_place.unsupported_ops == {}
+    assert {"aten.bitwise_and_", "aten.logical_or_", "aten.mul_", "aten.sigmoid_", "aten.eq_"} <= set(in_place.op_calls)
 
 
 def test_by_module_names_follow_the_model_even_through_probes(tiny_models):

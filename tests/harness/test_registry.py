@@ -27,11 +27,15 @@ def test_duplicate_registration_raises():
     try:
         with pytest.raises(ValueError, match="already registered under the name 'tmp_dup_model'"):
             register_model("tmp_dup_model", card=card)(first)
+        entry = registry.registered("tmp_dup_model")
+        assert entry.builder is first and entry.card is card and "test_registry" in entry.origin
     finally:
         registry.unregister_model("tmp_dup_model")
 
 
 def test_list_models_wildcards_and_discovery():
+    assert registry.registered("resnet20").card.family == "resnet"
+    assert registry.registered("sdn:resnet20") is None and registry.registered("resnet2O") is None
     assert list_models("resnet*") == ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56"]
     assert "noop" in list_models() and "linear" in list_models()
 
