@@ -27,6 +27,11 @@ Definitions
   threshold (a trained attribute value is one of several and nothing outside test ranks them). Of
   several, the one most accurate on validation (``detail.validation_top1``; ties: the cheaper on
   validation).
+- Cost at preserved accuracy (:func:`preserved_accuracy`): per dynamic model, the cheapest of its
+  points chosen without test (selection "validation" or "learned") whose test top-1 is within
+  ``points`` of the full network's (its most expensive forced exit), as the papers' claims are
+  put ("x % fewer MACs at no more than 1 point lost"). Which fitted point that is is read off the
+  test numbers, so it describes the measured curve; it is not a choice made without test.
 - Pareto frontier: the headline points no other headline point dominates, where a dominates b
   when a costs no more, is at least as accurate, and is strictly better in one of the two; per
   dataset for MACs, per dataset and device for latency.
@@ -249,3 +254,41 @@ def latency_vs_predicted(frame: pd.DataFrame) -> pd.DataFrame:
                                   "value_predicted": "predicted ms", "_thr": "threshold"})
     pairs["measured / predicted"] = pairs["measured mean ms"] / pairs["predicted ms"]
     return pairs[columns].sort_values([*GROUP, "policy", "threshold"]).reset_index(drop=True)
+
+
+PRESERVED_COLUMNS = [*GROUP, "kind", "full top1 %", "full MACs", "point", "its top1 %", "its MACs", "MACs avoided %",
+                     "full ms (b=1)", "its ms (b=1)", "speed-up (b=1)"]
+
+
+def preserved_accuracy(frame: pd.DataFrame, points: float = 1.0) -> pd.DataFrame:
+    """Per dynamic model: the full network (its most expensive forced exit) and the cheapest point
+    chosen without test within ``points`` of its test top-1 (see the module docstring), with MACs
+    avoided and the batch-1 latency speed-up where both were timed. A model with no such point has
+    an empty point (its fitted points all lose more)."""
+    macs = _points_with_detail(frame, "macs")
+    if macs.empty:
+        return pd.DataFrame(columns=PRESERVED_COLUMNS)
+    lat = _points_with_detail(frame, "latency")
+    latency = {(*k, p, threshold_key(t), none_if_nan(e)): c for *k, p, t, e, c in
+               lat[[*GROUP, "policy", "threshold", "exit", "cost"]].itertuples(index=False)} if not lat.empty else {}
+    records = []
+    for key, sub in macs.groupby(GROUP, dropna=False, sort=True):
+        fixed = sub[sub["source"] == "exit"]
+        if fixed.empty:
+            continue
+        full = fixed.loc[fixed["cost"].idxmax()]
+        fitted = sub[sub["selection"].isin(["validation", "learned"]) & (sub["cost"] < full["cost"])
+                     & (sub["accuracy"] >= full["accuracy"] - points)]
+        record = {**dict(zip(GROUP, key)), "kind": full["kind"], "full top1 %": full["accuracy"],
+                  "full MACs": full["cost"], "full ms (b=1)": latency.get((*key, "", None, none_if_nan(full["exit"])))}
+        if not fitted.empty:
+            best = fitted.loc[fitted["cost"].idxmin()]
+            its_ms = latency.get((*key, best["policy"], threshold_key(best["threshold"]), None))
+            threshold = none_if_nan(best["threshold"])
+            record.update({"point": best["policy"] + ("" if threshold is None else f" {threshold:g}"),
+                           "its top1 %": best["accuracy"], "its MACs": best["cost"],
+                           "MACs avoided %": 100 * (1 - best["cost"] / full["cost"]), "its ms (b=1)": its_ms})
+            if its_ms and record["full ms (b=1)"]:
+                record["speed-up (b=1)"] = record["full ms (b=1)"] / its_ms
+        records.append(record)
+    return pd.DataFrame(records, columns=PRESERVED_COLUMNS)

@@ -52,13 +52,14 @@ from reports.points import (
     operating_points,
     pareto_mask,
     point_selection,
+    preserved_accuracy,
 )
 from reports.reference import measured_for, reference_table
 
 __all__ = [
     "GROUP", "STATIC_KINDS", "RunData", "check_run_dir", "detail_of", "load_runs", "combined_rows", "model_kinds",
     "last_exit_values", "operating_points", "grid_points", "pareto_mask", "near_frontier_mask", "point_selection",
-    "chosen_points", "latency_vs_predicted",
+    "chosen_points", "latency_vs_predicted", "preserved_accuracy",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
     "summary_table", "brief_summary", "cost_decomposition", "per_exit_table", "latency_table", "memory_table",
     "error_table",
