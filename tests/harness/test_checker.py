@@ -2,11 +2,11 @@
 part, on deliberately broken models; `fractalbench check`; the dynamic part of `fractalbench profile`."""
 import pytest
 import torch
+from cli_helpers import run_cli
 from torch import nn
 
 from harness import contract
 from harness.checker import CHECK_NAMES, check_registered, choose_policy, run_checks, split_thresholds
-from harness.cli import main
 from harness.contract import CostUnit, DynamicOutput, Trace, check_mode
 from harness.early_exit import EarlyExitNetwork
 from harness.metrics.profile import cost_profile
@@ -148,15 +148,6 @@ def test_skipnet_is_checked_with_some_gates_closed():
 
 
 # ----- the command line -----------------------------------------------------------------------------------
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 @pytest.fixture
 def broken_registered():

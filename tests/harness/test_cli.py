@@ -4,21 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from harness.checkpoints import save_checkpoint
-from harness.cli import main
 from harness.registry import create_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("argv, message", [
