@@ -424,24 +424,7 @@ def validate_suite(raw: Any, path: str) -> Suite:
         error = exc.errors(include_url=False)[0]
         raise SuiteError(f"suite {path}: field '{field_path(error['loc'])}': {problem(error)}") from None
     suite._path, suite._raw = path, raw if isinstance(raw, dict) else {}
-    _check_merged_training(suite, path)
     return suite
-
-
-def _check_merged_training(suite: Suite, path: str) -> None:
-    """Each model's training (the suite's with the entry's and its sweep's overrides) must be valid as a
-    whole (e.g. a warm-up no longer than the epochs); SuiteError naming the entry otherwise."""
-    if suite.train is None:
-        return
-    for i, entry in enumerate(suite.models):
-        where = f"models[{i}].train"
-        try:
-            merged = replace(suite.train, **entry.train)
-            if entry.attribute_sweep is not None:
-                where = f"models[{i}].attribute_sweep.train"
-                replace(merged, **entry.attribute_sweep.train)
-        except ValueError as exc:
-            raise SuiteError(f"suite {path}: field '{where}' ({entry.display}): {exc}") from None
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:

@@ -97,8 +97,19 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def parse_suite(raw: Any, path: str = "<suite>") -> Suite:
-    """Validate a suite given as parsed YAML (a mapping); ``path`` names it in errors and results."""
-    return validate_suite(raw, path)
+    """Validate a suite given as parsed YAML (a mapping); ``path`` names it in errors and results.
+    Each model's training (the suite's with the entry's and its sweep's overrides) must be valid as
+    a whole, e.g. a warm-up no longer than the epochs."""
+    suite = validate_suite(raw, path)
+    for i, entry in enumerate(suite.models):
+        where = f"models[{i}].train"
+        try:
+            train_config_for(suite, entry)
+            where = f"models[{i}].attribute_sweep.train"
+            sweep_train_config(suite, entry)
+        except ValueError as exc:
+            raise SuiteError(f"suite {path}: field '{where}' ({entry.display}): {exc}") from None
+    return suite
 
 
 def suite_json_schema() -> dict[str, Any]:
