@@ -4,7 +4,9 @@ measurement into the next, and rebuild the model there from its registry spec an
 
 The worker starts from the installed ``harness`` package (the folder it was imported from is put on
 ``PYTHONPATH``, so a source checkout and an installed wheel both work) in the caller's working
-directory (relative plugin paths resolve as the caller wrote them).
+directory (relative plugin paths resolve as the caller wrote them), with the caller's ``sys.path``
+after its ``PYTHONPATH``: a folder added at run time (``sys.path.append`` in a notebook, a test's
+``syspath_prepend``) holds models the worker must import as well.
 """
 from __future__ import annotations
 
@@ -39,11 +41,25 @@ def malloc_trim() -> None:
         pass
 
 
+def _search_path() -> list[str]:
+    """This process's ``sys.path`` as folders a worker can use: existing directories only (a missing
+    zip of the standard library is left out), '' as the working directory, no repeats."""
+    out: list[str] = []
+    for entry in sys.path:
+        folder = os.path.abspath(entry or os.getcwd())
+        if os.path.isdir(folder) and folder not in out:
+            out.append(folder)
+    return out
+
+
 def worker_env(threads: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker: this one, with OMP/MKL threads set and ``harness`` importable."""
+    """The environment of a worker: this one, with OMP/MKL threads set, ``harness`` importable and
+    this process's search path after its ``PYTHONPATH`` (so a folder added to ``sys.path`` at run
+    time reaches the worker; the other entries are the ones it would have anyway, in the same order)."""
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", ""), *_search_path())
+                                        if p)
     env.update(extra or {})
     return env
 

@@ -12,6 +12,7 @@ import torch
 
 from harness import registry
 from harness.metrics import MemorySettings, memory_rows, weight_bytes
+from harness.metrics.isolation import worker_env
 from harness.registry import ModelSpec, UnknownNameError, create_model, list_models, model_card, name_kind
 from harness.results import load_run
 from harness.runner import run_suite
@@ -145,6 +146,18 @@ def test_isolated_memory_rebuilds_an_import_path_model_in_the_worker(site):
     assert peaks and all(json.loads(r["detail"])["isolated"] for r in peaks)
     weights = next(r["value"] for r in rows if r["metric"] == "memory_weights")
     assert weights == weight_bytes(spec.build()) / 2**20
+
+
+def test_a_folder_added_to_sys_path_at_run_time_reaches_the_worker(site, monkeypatch):
+    # a notebook's sys.path.append: the folder is on this process's sys.path and not on PYTHONPATH
+    monkeypatch.delenv("PYTHONPATH")
+    write_package(site, "rtpkg", {"nets": TINY_MODEL.format(builder="tiny_net")})
+    spec = ModelSpec("rtpkg.nets:tiny_net", {"width": 2}, 10, 1)
+    rows = memory_rows(spec, None, (1, 8, 8), MemorySettings(batch_size=2, repeats=1, per_exit=False),
+                       model="tiny", device="cpu")
+    peaks = [r for r in rows if r["metric"].startswith("memory_peak")]
+    assert peaks and all(r["error"] == "" and json.loads(r["detail"])["isolated"] for r in peaks), rows
+    assert str(site) in worker_env(1)["PYTHONPATH"].split(os.pathsep)
 
 
 def test_a_top_level_module_is_an_import_path_unless_it_is_a_registered_prefix(site):
