@@ -1,4 +1,5 @@
-"""The FractalBrainNet patterns section: pattern images a cell stored (``artifacts/<cell>/pattern*``,
+"""The FractalBrainNet patterns section: each pattern against the uniform control
+(:mod:`reports.pattern_control`), pattern images a cell stored (``artifacts/<cell>/pattern*``,
 PNG or .npy) and the pattern analysis rows (complexity per level, hierarchy score)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reports import plots, tables
+from reports import pattern_control, plots, tables
 from reports.blocks import Body, Grid, figure_block
 from reports.frame import run_label
 
@@ -64,13 +65,16 @@ def pattern_files(ctx: ReportContext) -> PatternFiles:
 
 
 def section(ctx: ReportContext) -> Body | None:
-    """Pattern images in a grid, complexity per level as a plot and a table; None when there is nothing."""
+    """Each pattern against the uniform control (when a run has one), pattern images in a grid,
+    complexity per level as a plot and a table; None when there is nothing."""
     table = tables.pattern_table(ctx.frame)
+    control = pattern_control.control_table(ctx.runs)
     ctx.folder.mkdir(parents=True, exist_ok=True)
     files = pattern_files(ctx)
-    if table.empty and not files.pngs and not files.arrays:
+    if table.empty and control.empty and not files.pngs and not files.arrays:
         return None
-    blocks: list = ctx.figures(plots.plot_pattern_arrays(files.arrays, ctx.folder))
+    blocks: list = ctx.table(control, "pattern_control", pattern_control.CAPTION)
+    blocks += ctx.figures(plots.plot_pattern_arrays(files.arrays, ctx.folder))
     if files.pngs:
         blocks.append(Grid([figure_block(data, f"{label}: {name}") for label, name, data in files.pngs]))
     if not table.empty:
