@@ -13,10 +13,13 @@ one row per cell. Each pattern's headline test top-1 (its last exit) is set agai
   McNemar's exact two-sided p = min(1, 2 min(P(X >= b), P(X >= c))), X ~ Binomial(b + c, 1/2);
 - else unpaired: Newcombe's interval and the two-sided two-proportion z-test.
 
-p Holm: Holm's adjustment over the group's patterns (the control excluded). These tests compare
-two trained models on one test set; with one seed per pattern they say nothing about the spread
-between seeds of the recipe, which can exceed a point (so a small p is not yet "the pattern
-matters"; run the suite with ``seeds:`` for that).
+p Holm: Holm's adjustment over the patterns of one seed (the control excluded). These tests
+compare two trained models on one test set; they say nothing about the spread between seeds of
+the recipe, which can exceed a point, so a small p is not yet "the pattern matters". When the
+control and a pattern ran with two seeds or more (a suite with ``seeds:``), one more row per
+pattern ("over seeds") sets its mean top-1 against the control's mean with Welch's t-test over
+seeds (:func:`reports._compare_stats.seed_group_test`, 95 % interval of the difference of means),
+Holm over those patterns: that row is the answer about the recipe.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import pandas as pd
 from harness.outcomes import OutcomesError, load_outcomes
 from harness.results import CellRecord, RunData
 from harness.stats import Z95, wilson_interval
-from reports._compare_stats import AccuracyTest, holm, paired_test, unpaired_test
+from reports._compare_stats import AccuracyTest, holm, paired_test, seed_group_test, unpaired_test
 from reports.frame import run_label
 
 CONTROL = "uniform"
@@ -40,16 +43,17 @@ COLUMNS = ["run", "label", "pattern", "seed", "top1 %", "95 % interval", "MACs",
            "95 % interval of the difference", "b / c", "p (two-sided)", "p Holm", "test"]
 
 
-def _groups(run: RunData) -> dict[tuple, list[tuple[str, CellRecord]]]:
-    groups: dict[tuple, list[tuple[str, CellRecord]]] = defaultdict(list)
+def _groups(run: RunData) -> dict[tuple, dict[Any, list[tuple[str, CellRecord]]]]:
+    """(model, other options, dataset, device) -> seed -> [(pattern, cell)]."""
+    groups: dict[tuple, dict[Any, list[tuple[str, CellRecord]]]] = defaultdict(lambda: defaultdict(list))
     for cell in run.cells:
         meta = cell.meta or {}
         kwargs = meta.get("kwargs") or {}
         if cell.status != "ok" or OPTION not in kwargs:
             continue
         rest = json.dumps({k: v for k, v in kwargs.items() if k != OPTION}, sort_keys=True, default=str)
-        key = (meta.get("model"), rest, meta.get("dataset"), meta.get("device"), meta.get("seed"))
-        groups[key].append((str(kwargs[OPTION]).lower(), cell))
+        key = (meta.get("model"), rest, meta.get("dataset"), meta.get("device"))
+        groups[key][meta.get("seed")].append((str(kwargs[OPTION]).lower(), cell))
     return groups
 
 
@@ -95,7 +99,8 @@ def _interval(row: dict[str, Any]) -> str:
     return f"{100 * low:.2f}-{100 * high:.2f}"
 
 
-def _group_rows(run: RunData, multi: bool, members: list[tuple[str, CellRecord]]) -> list[dict[str, Any]]:
+def _seed_rows(run: RunData, multi: bool, members: list[tuple[str, CellRecord]]) -> list[dict[str, Any]]:
+    """One seed's cells: each pattern against that seed's control, paired where possible."""
     headed = [(pattern, cell, row) for pattern, cell in members if (row := _headline(cell)) is not None]
     control = next(((cell, row) for pattern, cell, row in headed if pattern == CONTROL), None)
     others = [(pattern, cell, row) for pattern, cell, row in headed if pattern != CONTROL]
@@ -121,16 +126,55 @@ def _group_rows(run: RunData, multi: bool, members: list[tuple[str, CellRecord]]
     return out
 
 
+def _over_seeds(run: RunData, multi: bool, by_seed: dict[Any, list[tuple[str, CellRecord]]]) -> list[dict[str, Any]]:
+    """Patterns run with >= 2 seeds, like the control: the mean top-1 over seeds against the
+    control's mean, Welch's t-test over seeds (the recipe's seed spread is in it)."""
+    accuracies: dict[str, list[float]] = defaultdict(list)
+    macs: dict[str, float | None] = {}
+    labels: dict[str, str] = {}
+    for members in by_seed.values():
+        for pattern, cell in members:
+            if (row := _headline(cell)) is not None:
+                accuracies[pattern].append(float(row["value"]))
+                macs[pattern] = _macs(cell, row.get("exit"))
+                labels[pattern] = run_label(f"{row.get('model') or cell.cell_id} (over seeds)", run, multi)
+    control = accuracies.get(CONTROL, [])
+    others = [p for p, values in accuracies.items() if p != CONTROL and len(values) >= 2]
+    if len(control) < 2 or not others:
+        return []
+    tests = [seed_group_test(control, accuracies[p], SIDE) for p in others]
+    two_sided = [min(1.0, 2 * min(t.p_worse, t.p_better)) for t in tests]
+    out = [{"run": run.name, "label": labels[CONTROL], "pattern": CONTROL, "seed": f"mean of {len(control)}",
+            "top1 %": round(float(np.mean(control)), 2), "95 % interval": f"sd {np.std(control, ddof=1):.2f}",
+            "MACs": macs[CONTROL], "vs control (points)": "control", "test": "the control, over seeds"}]
+    for pattern, test, p, p_adj in zip(others, tests, two_sided, holm(two_sided)):
+        values = accuracies[pattern]
+        out.append({"run": run.name, "label": labels[pattern], "pattern": pattern, "seed": f"mean of {len(values)}",
+                    "top1 %": round(float(np.mean(values)), 2), "95 % interval": f"sd {np.std(values, ddof=1):.2f}",
+                    "MACs": macs[pattern], "vs control (points)": round(test.diff, 2),
+                    "95 % interval of the difference": f"{test.low:+.2f} to {test.high:+.2f}",
+                    "p (two-sided)": p, "p Holm": p_adj, "test": test.method})
+    return out
+
+
+def _group_rows(run: RunData, multi: bool, by_seed: dict[Any, list[tuple[str, CellRecord]]]) -> list[dict[str, Any]]:
+    rows = [r for seed in sorted(by_seed, key=str) for r in _seed_rows(run, multi, by_seed[seed])]
+    return rows + _over_seeds(run, multi, by_seed)
+
+
 def control_table(runs: list[RunData]) -> pd.DataFrame:
-    """One row per pattern cell of every group that has a uniform control (see the module docstring)."""
+    """One row per pattern cell of every group that has a uniform control, then the rows over
+    seeds (see the module docstring); empty when no run has such a group."""
     multi = len(runs) > 1
-    rows = [r for run in runs for members in _groups(run).values() for r in _group_rows(run, multi, members)]
+    rows = [r for run in runs for by_seed in _groups(run).values() for r in _group_rows(run, multi, by_seed)]
     return pd.DataFrame(rows, columns=COLUMNS) if rows else pd.DataFrame()
 
 
 CAPTION = ("Each fractal pattern against the uniform control (every mask pixel 0.5), same model, recipe and "
            "seed; test top-1 at the last exit. Paired on the same test images when both cells kept per-sample "
            "outcomes: b = right under the control only, c = right under the pattern only, McNemar's exact "
-           "two-sided p; p Holm: adjusted over the patterns. These test two trained models, not the recipe: "
-           "with one seed per pattern a small p is not yet evidence that the pattern matters (seeds of a "
-           "CIFAR-10 recipe differ by about a point); run the suite with seeds: for that.")
+           "two-sided p; p Holm: adjusted over the patterns of that seed. These test two trained models, not "
+           "the recipe: a small p is not yet evidence that the pattern matters (seeds of a CIFAR-10 recipe "
+           "differ by about a point). Rows 'over seeds' (when the patterns ran with several seeds): mean "
+           "top-1 and its sd over seeds against the control's mean, Welch's t-test over seeds, Holm over "
+           "the patterns; they answer for the recipe.")

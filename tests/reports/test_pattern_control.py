@@ -108,3 +108,24 @@ def test_the_report_shows_the_control_table(run_dir):
     assert "against the uniform control" in page
     table = (run_dir / "report" / "pattern_control.csv").read_text()
     assert "julia" in table and "0 / 10" in table
+
+
+def test_patterns_run_with_seeds_get_a_welch_row_over_seeds(tmp_path):
+    store = RunStore(tmp_path / "run")
+    (store.run_dir / "cells").mkdir(parents=True)
+    for seed, control, julia in ((0, 60, 70), (1, 62, 66)):
+        _cell(store, "uniform", _bits((0, control)), seed=seed)
+        _cell(store, "julia", _bits((0, julia)), seed=seed)
+    table = control_table([open_run(store.run_dir)])
+    assert list(table["seed"]) == [0, 0, 1, 1, "mean of 2", "mean of 2"]  # per seed, paired; then over seeds
+    over = table.set_index(["pattern", "seed"]).loc[("julia", "mean of 2")]
+    # means 61 vs 68; variances of the means 2/2 = 1 and 8/2 = 4: se = sqrt 5, Welch df = 25 / 17
+    from scipy.stats import t as student
+    se, df = math.sqrt(5.0), 25.0 / 17.0
+    assert over["vs control (points)"] == 7.0 and over["top1 %"] == 68.0 and over["95 % interval"] == "sd 2.83"
+    assert over["p (two-sided)"] == pytest.approx(2 * student.sf(7.0 / se, df), rel=1e-9)
+    half = student.ppf(0.975, df) * se
+    assert over["95 % interval of the difference"] == f"{7 - half:+.2f} to {7 + half:+.2f}"
+    assert over["test"].startswith("Welch") and over["label"] == "fbn_julia_s1 (over seeds)"
+    control = table.set_index(["pattern", "seed"]).loc[("uniform", "mean of 2")]
+    assert control["top1 %"] == 61.0 and control["95 % interval"] == "sd 1.41"
