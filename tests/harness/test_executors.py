@@ -84,7 +84,10 @@ def test_a_killed_parallel_run_resumes_without_losing_or_repeating_cells(tmp_pat
     command = [sys.executable, "-m", "harness.cli", "run", str(suite_file), "--out", str(out), "--jobs", "2",
                "--no-report", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `cmd &`)
+    # inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C would never arrive
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(out.glob("cells/*.json")) and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
