@@ -32,7 +32,6 @@ import pandas as pd
 
 from harness.outcomes import OutcomesError, load_outcomes
 from harness.results import CellRecord, RunData
-from harness.stats import Z95, wilson_interval
 from reports._compare_stats import AccuracyTest, holm, paired_test, seed_group_test, unpaired_test
 from reports.frame import run_label
 
@@ -92,11 +91,9 @@ def _test(run: RunData, control: tuple[CellRecord, dict], other: tuple[CellRecor
 
 
 def _interval(row: dict[str, Any]) -> str:
-    n = int(row.get("n") or 0)
-    if n <= 0:
-        return ""
-    low, high = wilson_interval(float(row["value"]) * n / 100.0, n, Z95)
-    return f"{100 * low:.2f}-{100 * high:.2f}"
+    """The row's own stored 95 % Wilson interval (blank when it has none)."""
+    low, high = row.get("ci_low"), row.get("ci_high")
+    return "" if low is None or high is None else f"{float(low):.2f}-{float(high):.2f}"
 
 
 def _seed_rows(run: RunData, multi: bool, members: list[tuple[str, CellRecord]]) -> list[dict[str, Any]]:
