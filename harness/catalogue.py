@@ -135,6 +135,8 @@ METRICS: tuple[Metric, ...] = (
        "CPU: peak of torch profiler's allocation timeline (cross-check of memory_peak_activations)"),
     # training
     _m("train_seconds", "s", "info", "training", True, "wall-clock training time of this cell (or stage)"),
+    _m("cell_seconds", "s", "info", "training", True,
+       "wall-clock time of the whole cell, training and every measurement; `detail.steps`: seconds per step"),
     _m("train_loss_*", "nats", "info", "training", False, "last epoch's mean of each named loss term"),
     # FractalBrainNet pattern analysis
     _m("pattern_complexity", "nats", "info", "patterns", False, "entropy of the pattern activations at level `exit`"),

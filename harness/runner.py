@@ -260,8 +260,13 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
         state = CellState(cell, suite, store, splits, spec, model, fields, progress,
                           previous_rows=_earlier_record(store, cell.cell_id))
         rows: list[dict[str, Any]] = []
+        start, steps = time.perf_counter(), {}
         for step in plan_steps(state, frozenset(suite.metrics)):
+            begun = time.perf_counter()
             rows.extend(step.run(state))
+            steps[step.name] = round(time.perf_counter() - begun, 3)
+        rows.append(make_row("cell_seconds", time.perf_counter() - start, "s", **fields,
+                             detail={"steps": steps, "threads": torch.get_num_threads()}))
         if state.outcomes is not None:  # before the cell file: a finished cell always has its outcomes
             state.outcomes.save(outcomes_path(store.run_dir, cell.cell_id))
             meta["outcomes"] = f"{OUTCOMES_DIR}/{cell.cell_id}.npz"

@@ -13,9 +13,9 @@ def test_entries_are_unique_and_well_formed():
     assert len(all_names) == len(set(all_names))
     for m in catalogue.METRICS:
         assert m.kind in catalogue.KINDS and m.group in catalogue.GROUPS and m.description
-    # what depends on the machine: timings, memory, wall-clock training time; nothing else
+    # what depends on the machine: timings, memory, wall-clock training and cell time; nothing else
     assert names(machine_dependent=True) == names(kinds=["timing", "memory"]) | {
-        "latency_predicted", "latency_timer_ratio", "train_seconds"}
+        "latency_predicted", "latency_timer_ratio", "train_seconds", "cell_seconds"}
 
 
 def test_writers_refuse_unknown_metrics_and_wrong_units():

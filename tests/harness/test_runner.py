@@ -235,3 +235,14 @@ def test_remeasure_of_a_checkpoint_without_epoch_times_keeps_the_first_records_t
     run_suite(suite([entry]), tmp_path, remeasure=True)
     row = load_run(tmp_path).query("metric == 'train_seconds'").iloc[0]
     assert row.value == seconds and "before it was remeasured" in json.loads(row.detail)["covers"]
+
+
+def test_each_cell_records_its_wall_time_per_step(tmp_path):
+    run_suite(suite(["linear"], metrics=["accuracy", "cost"]), tmp_path)
+    frame = load_run(tmp_path)
+    (row,) = frame[frame.metric == "cell_seconds"].itertuples()
+    steps = json.loads(row.detail)["steps"]
+    assert set(steps) == {"parameters", "train", "accuracy", "cost_table", "exit_stats", "cost"}
+    assert row.unit == "s" and sum(steps.values()) <= row.value + 1e-3
+    (train,) = frame[frame.metric == "train_seconds"].value  # timed inside the train step
+    assert 0 < train <= steps["train"] + 1e-3
