@@ -22,6 +22,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: /proc/cpuinfo flags of native bf16 arithmetic (x86: AVX512-BF16, AMX; Arm: the BF16 extension).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); None where
+    that file is not there (macOS, Windows) or lists none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features") and value.strip():
+            return frozenset(value.split())
+    return None
+
+
+def cpu_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes bf16 natively (None: unknown). Without it PyTorch's bf16 autocast
+    still gives bf16 results, emulated: on an AVX2 AMD EPYC, training steps ran 8-12x slower than
+    fp32 (FractalBrainNet-small 359 -> 43 images/s, ResNet-20 220 -> 19, batch 128, 2 threads)."""
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool(flags & BF16_FLAGS)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -78,6 +105,8 @@ def collect_environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_native_bf16(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "onednn_enabled": bool(torch.backends.mkldnn.enabled),

@@ -17,7 +17,7 @@ way :class:`harness.suites.SuiteError` does; :func:`raise_for_suite` raises them
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,28 @@ def check_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits]) -> lis
             found += _batch_problems(suite, i, entry, dataset, splits[dataset])
             problems += [p for p in found if p not in problems]
     return [f"suite {suite.path}: {p}" for p in problems]
+
+
+def precision_warnings(suite: Suite, devices: Sequence[str], native_bf16: bool | None = None) -> list[str]:
+    """One warning line when some model of ``suite`` trains under bf16 autocast on a CPU without
+    native bf16 (:func:`harness.environment.cpu_native_bf16`; ``native_bf16`` overrides the
+    probe): the numbers are valid, the training is several times slower than fp32. Empty otherwise."""
+    from harness.environment import cpu_model, cpu_native_bf16
+
+    native = cpu_native_bf16() if native_bf16 is None else native_bf16
+    if native is not False or not any(d == "cpu" for d in devices):
+        return []
+    slow = [entry.display for entry in suite.models
+            if any(cfg is not None and cfg.epochs > 0 and cfg.precision == "bf16"
+                   for cfg in (train_config_for(suite, entry), sweep_train_config(suite, entry)))]
+    if not slow:
+        return []
+    return [f"warning: {len(slow)} model(s) ({', '.join(slow)}) train under bf16 autocast on the CPU, "
+            f"but this CPU ({cpu_model()}, "
+            f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 (no avx512_bf16 or amx_bf16 flag): "
+            "PyTorch emulates it, 8-12x slower than fp32 on an AVX2 AMD EPYC; the numbers stay valid. To train in "
+            f"fp32 here, set `precision: fp32` in the train settings of suite {suite.path} (a new recipe: those "
+            "cells run again)"]
 
 
 def raise_for_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits]) -> None:

@@ -26,7 +26,7 @@ from harness.data import DatasetConfig, DataSplits, load_dataset
 from harness.devices import check_device
 from harness.environment import collect_environment
 from harness.outcomes import OUTCOMES_DIR, outcomes_path
-from harness.preflight import raise_for_suite
+from harness.preflight import precision_warnings, raise_for_suite
 from harness.registry import ModelSpec, model_card
 from harness.results import CellRecord, RunStore, make_row, slug
 from harness.steps import CellState, plan_steps
@@ -178,6 +178,8 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     for ds in suite.datasets:  # missing datasets fail before any cell runs
         splits_cache[ds] = load_dataset(ds)
     raise_for_suite(suite, splits_cache)  # and so does everything else that can be checked (harness.preflight)
+    for line in precision_warnings(suite, devices or suite.devices):
+        echo(line)
     if remeasure:
         set_aside_for_remeasure(store, [c.cell_id for c in plan_cells(suite, devices)], echo)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,41 @@ def test_a_run_with_a_failed_cell_exits_1_and_says_how_many(tmp_path, capsys, br
     assert code == 1
     assert "1 cell(s) failed: tmp_preflight_raises__digits8__cpu" in err
     assert (tmp_path / "run" / "cells" / "linear__digits8__cpu.json").is_file()  # the others ran
+
+
+AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+SAPPHIRE_RAPIDS = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from harness.environment import cpu_flags, cpu_native_bf16
+
+    assert cpu_native_bf16(AVX2_EPYC) is False and cpu_native_bf16(SAPPHIRE_RAPIDS) is True
+    assert cpu_native_bf16("Features\t: fp asimd bf16 i8mm\n") is True  # Arm
+    assert cpu_flags("model name\t: x\n") is None and cpu_native_bf16("") is None  # unknown: no warning
+
+
+def test_bf16_training_on_a_cpu_without_native_bf16_is_warned_once(tmp_path):
+    from harness.preflight import precision_warnings
+    from harness.suites import parse_suite
+
+    models = ["linear", {"name": "noop", "train": {"precision": "bf16"}},
+              {"name": "skipnet38", "attribute_sweep": {"attribute": "alpha", "values": [1.0],
+                                                        "train": {"epochs": 1, "precision": "bf16"}}},
+              {"name": "resnet20", "train": {"precision": "bf16", "epochs": 0}}]  # not trained: no warning
+    suite = parse_suite({**BASE, "models": models}, "s.yaml")
+    (line,) = precision_warnings(suite, ["cpu"], native_bf16=False)
+    assert line.startswith("warning: 2 model(s) (noop, skipnet38) train under bf16 autocast on the CPU")
+    assert "set `precision: fp32` in the train settings of suite s.yaml" in line
+    assert precision_warnings(suite, ["cpu"], native_bf16=True) == []
+    assert precision_warnings(suite, ["cuda"], native_bf16=False) == []
+    fp32 = parse_suite({**BASE, "train": {**BASE["train"], "precision": "fp32"}}, "s.yaml")
+    assert precision_warnings(fp32, ["cpu"], native_bf16=False) == []
+
+
+def test_the_run_prints_the_bf16_warning(tmp_path, capsys, monkeypatch):
+    import harness.environment
+
+    monkeypatch.setattr(harness.environment, "cpu_native_bf16", lambda cpuinfo=None: False)
+    code, out, _ = run(tmp_path, capsys, {**BASE, "train": {**BASE["train"], "precision": "bf16"}})
+    assert code == 0 and "warning: 1 model(s) (linear) train under bf16 autocast" in out
