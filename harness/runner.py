@@ -65,10 +65,12 @@ class RunSummary:
 
 
 def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
-    """Every (dataset, model, seed, device) of the suite, in that order of nesting."""
+    """Every (dataset, seed, model, device) of the suite, in that order of nesting: the seeds are
+    outside the models, so a run stopped part-way holds whole replicates (every model with the first
+    seed before any model with the second), which a comparison of models can already use."""
     devs = devices or list(suite.devices)
     seeds: tuple[int | None, ...] = suite.seeds if len(suite.seeds) > 1 else (None,)
-    return [Cell(m, d, dev, seed) for d in suite.datasets for m in suite.models for seed in seeds for dev in devs]
+    return [Cell(m, d, dev, seed) for d in suite.datasets for seed in seeds for m in suite.models for dev in devs]
 
 
 # Suite keys that do not change any cell's numbers (they only name, describe or choose cells, or say

@@ -187,6 +187,9 @@ def test_several_seeds_run_one_cell_each_and_a_new_seed_runs_alone(tmp_path):
     again = run_suite(suite([entry], seeds=[0, 1, 2]), tmp_path)
     assert again.skipped == first.finished and again.finished == ["linear__digits8__cpu__seed2"]
     assert load_run(tmp_path).query("metric == 'top1'").set_index("seed").value[[0, 1]].tolist() == top1.tolist()
+    two = run_suite(suite(["noop", entry], seeds=[0, 1]), tmp_path / "two")  # a whole replicate first
+    assert two.finished == ["noop__digits8__cpu__seed0", "linear__digits8__cpu__seed0",
+                            "noop__digits8__cpu__seed1", "linear__digits8__cpu__seed1"]
     one = run_suite(suite([entry], seed=2), tmp_path / "single")
     assert one.finished == ["linear__digits8__cpu"]  # one seed: the id has no seed part
     single = load_run(tmp_path / "single")
