@@ -90,6 +90,19 @@ def apply_kernel_settings() -> None:
         torch.backends.mkldnn.enabled = False
 
 
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Where one cell ran, for its own record: a run resumed over several sessions may run its cells
+    on different machines, and environment.json keeps only the last invocation's."""
+    import torch
+
+    info: dict[str, Any] = {"hostname": platform.node(), "cpu": cpu_model(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "cpu_native_bf16": cpu_native_bf16(), "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
 def collect_environment() -> dict[str, Any]:
     import torch
 

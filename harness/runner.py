@@ -24,7 +24,7 @@ import torch
 
 from harness.data import DatasetConfig, DataSplits, load_dataset
 from harness.devices import check_device
-from harness.environment import collect_environment
+from harness.environment import collect_environment, machine_info
 from harness.outcomes import OUTCOMES_DIR, outcomes_path
 from harness.preflight import precision_warnings, raise_for_suite
 from harness.registry import ModelSpec, model_card
@@ -274,6 +274,7 @@ def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, prog
         if state.outcomes is not None:  # before the cell file: a finished cell always has its outcomes
             state.outcomes.save(outcomes_path(store.run_dir, cell.cell_id))
             meta["outcomes"] = f"{OUTCOMES_DIR}/{cell.cell_id}.npz"
+        meta["machine"] = machine_info(cell.device)
         meta["spec"] = spec.to_dict()
         meta["data"] = splits.info
         meta["card"] = _card_dict(cell.model.name)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -332,7 +333,8 @@ def section_suite(ctx: ReportContext) -> Body:
                    key_values({"run directory": str(run.path), "suite": suite.get("name", "(unknown)"),
                                "description": content.get("description", ""), "suite file": suite.get("path", ""),
                                "suite digest": suite.get("digest", ""),
-                               "cells": f"{ok} ok, {len(run.cells) - ok} failed"})]
+                               "cells": f"{ok} ok, {len(run.cells) - ok} failed",
+                               "cells ran on": machines_of(run.cells)})]
         if content:
             blocks.append(Details("suite content", [Pre(json.dumps(content, indent=1, default=str))]))
         if env:
@@ -342,6 +344,22 @@ def section_suite(ctx: ReportContext) -> Body:
         else:
             blocks.append(Note("No environment.json in this run."))
     return Body(blocks)
+
+
+def machines_of(cells: Sequence[Any]) -> str:
+    """Which machines a run's cells ran on, from each cell's ``meta.machine`` (a run resumed over
+    several sessions may change machines; environment.json holds only the last invocation's)."""
+    counts: dict[str, int] = {}
+    for cell in cells:
+        machine = (cell.meta or {}).get("machine")
+        if machine:
+            bf16 = {True: ", native bf16", False: ", no native bf16"}.get(machine.get("cpu_native_bf16"), "")
+            name = f"{machine.get('cpu', '?')} ({machine.get('cpu_capability', '?')}{bf16})"
+            name += f", {machine['gpu']}" if machine.get("gpu") else ""
+        else:
+            name = "not recorded (cells from before it was)"
+        counts[name] = counts.get(name, 0) + 1
+    return "; ".join(f"{name}: {n} cell(s)" for name, n in counts.items()) or "no cells"
 
 
 def section_files(ctx: ReportContext) -> Body:

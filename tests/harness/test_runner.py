@@ -249,3 +249,8 @@ def test_each_cell_records_its_wall_time_per_step(tmp_path):
     assert row.unit == "s" and sum(steps.values()) <= row.value + 1e-3
     (train,) = frame[frame.metric == "train_seconds"].value  # timed inside the train step
     assert 0 < train <= steps["train"] + 1e-3
+    # and where it ran: a run resumed over several sessions may change machines between cells
+    machine = json.loads((tmp_path / "cells" / "linear__digits8__cpu.json").read_text())["meta"]["machine"]
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert machine["cpu"] == env["cpu"] and machine["cpu_capability"] == env["cpu_capability"]
+    assert machine["cpu_native_bf16"] in (True, False, None) and machine["torch_threads"] >= 1

@@ -209,3 +209,16 @@ def test_a_failing_section_does_not_cost_the_report(tmp_path, monkeypatch):
     assert "This section could not be built: RuntimeError: &lt;boom&gt;" in text and "Summary per model" in text
     dynamic = dict((a, inner) for a, _, inner in sections(text))["dynamic"]
     assert "Exits, skips and experts" in dynamic and "could not be built" in dynamic
+
+
+def test_the_suite_section_names_the_machines_the_cells_ran_on():
+    from types import SimpleNamespace as Cell
+
+    from reports.sections import machines_of
+
+    epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cpu_native_bf16": False, "torch_threads": 2}
+    xeon = {"cpu": "Intel Xeon", "cpu_capability": "AVX512", "cpu_native_bf16": True, "gpu": "NVIDIA H200"}
+    cells = [Cell(meta={"machine": epyc}), Cell(meta={}), Cell(meta={"machine": epyc}), Cell(meta={"machine": xeon})]
+    assert machines_of(cells) == ("AMD EPYC (AVX2, no native bf16): 2 cell(s); not recorded (cells from before it "
+                                  "was): 1 cell(s); Intel Xeon (AVX512, native bf16), NVIDIA H200: 1 cell(s)")
+    assert machines_of([]) == "no cells"
