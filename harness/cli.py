@@ -6,13 +6,16 @@ prints one line ``fractalbench: error: ...`` and exits with code 2; never a trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # `run` stopped by SIGTERM (`kill PID`), handled as Ctrl-C: 128 + 15
 EXIT_CELLS_FAILED = 1  # `run`: some cell failed (its error is stored as data; the others ran)
 EXIT_CHECK_FAILED = 1  # `check`: a contract check failed
 
@@ -250,6 +253,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():  # noqa: ANN202 - yields the list that records a SIGTERM
+    """SIGTERM (`kill PID`, a scheduler's stop) stops a run the way Ctrl-C does: finished cells
+    saved, running ones stopped. A run started in the background (nohup, `cmd &`) has SIGINT
+    ignored, so this is the signal that stops it cleanly. Yields a list that is non-empty after one."""
+    seen: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_suite
     from harness.suites import load_suite
@@ -262,14 +287,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CliError(f"--data-root {args.data_root} is not a directory")
         suite = suite.with_data_root(str(args.data_root))
     out = args.out or Path("runs") / suite.name
-    summary = run_suite(suite, out, devices=args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                        echo=lambda s: print(s, flush=True), remeasure=args.remeasure, jobs=args.jobs,
-                        executor=args.executor)
+    with _terminate_as_interrupt() as terminated:
+        summary = run_suite(suite, out, devices=args.device, progress=not args.no_progress and sys.stderr.isatty(),
+                            echo=lambda s: print(s, flush=True), remeasure=args.remeasure, jobs=args.jobs,
+                            executor=args.executor)
     print(f"\n{len(summary.finished)} cell(s) finished, {len(summary.skipped)} skipped (already done), "
           f"{len(summary.failed)} failed in {summary.seconds:.1f} s; results in {out}")
     if summary.interrupted:
-        print(f"interrupted: finished cells are saved; run the same command again to resume ({out})", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{how}: finished cells are saved; run the same command again to resume ({out})", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     if not args.no_report:
         print(f"report: {_write_report([out], None).resolve()}")
     if summary.failed:

@@ -77,7 +77,7 @@ def _alive(pid):
     return state not in ("Z", "X")
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "kill", "kill-9"])
 def test_a_killed_parallel_run_resumes_without_losing_or_repeating_cells(tmp_path, stop):
     suite_file, out = tmp_path / "t.yaml", tmp_path / "run"
     suite_file.write_text(yaml.safe_dump({**RAW, "models": ["resnet20", "linear", "noop"]}))
@@ -93,7 +93,9 @@ def test_a_killed_parallel_run_resumes_without_losing_or_repeating_cells(tmp_pat
         time.sleep(0.05)
     first.send_signal(stop)
     output = first.communicate(timeout=60)[0]
-    assert first.returncode == (130 if stop == signal.SIGINT else -signal.SIGKILL), output
+    assert first.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}.get(stop, -signal.SIGKILL), output
+    if stop == signal.SIGTERM:
+        assert "terminated (SIGTERM): finished cells are saved" in output
     pids = [int(line.split()[3]) for log in out.glob("logs/*.log") for line in log.read_text().splitlines()
             if line.startswith("--- cell process")]
     for _ in range(100):  # every cell process stops with its parent
