@@ -54,7 +54,7 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# rewrite benchmarks/baseline_smoke.json (the CI gate's baseline) after an intended change
+# rewrite the CI gate's baseline of this CPU's vendor (benchmarks/baseline_smoke.json, or _AuthenticAMD) after an intended change
 baseline: $(STAMP)
 	$(BIN)/python benchmarks/gate.py refresh
 

@@ -10,6 +10,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from harness.suites import load_suite
 
 
@@ -25,13 +27,20 @@ def _load_gate():
 gate = _load_gate()
 
 
-def baseline_rows() -> list[dict]:
-    data = json.loads(gate.BASELINE.read_text(encoding="utf-8"))
+def baseline_rows(path: Path | None = None) -> list[dict]:
+    data = json.loads((path or gate.BASELINE).read_text(encoding="utf-8"))
     return data["rows"] if isinstance(data, dict) else data
 
 
-def test_committed_baseline_covers_every_smoke_model():
-    rows = baseline_rows()
+def test_each_cpu_vendor_has_its_committed_baseline():
+    intel, amd = gate.baseline_for("GenuineIntel"), gate.baseline_for("AuthenticAMD")
+    assert intel.name == "baseline_smoke.json" and amd.name == "baseline_smoke_AuthenticAMD.json"
+    assert gate.baseline_for("") == intel and intel.is_file() and amd.is_file()
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+def test_committed_baseline_covers_every_smoke_model(vendor):
+    rows = baseline_rows(gate.baseline_for(vendor))
     models = {r["model"] for r in rows}
     assert models == {m.display for m in load_suite(gate.SUITE).models}
     assert not [r for r in rows if r["metric"] == "error"], "the baseline was written from a run with failed cells"
