@@ -21,18 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness.environment import cpuinfo_value
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or "" where it is not known."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def baseline_for(vendor: str) -> Path:
@@ -42,7 +33,7 @@ def baseline_for(vendor: str) -> Path:
     return own if vendor == "AuthenticAMD" else ROOT / "benchmarks" / "baseline_smoke.json"
 
 
-BASELINE = baseline_for(cpu_vendor())
+BASELINE = baseline_for(cpuinfo_value("vendor_id"))  # GenuineIntel, AuthenticAMD or ""
 SUITE = "smoke"
 GATE_ENV = {
     "OMP_NUM_THREADS": "1",

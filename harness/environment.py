@@ -12,14 +12,19 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_model() -> str:
+def cpuinfo_value(key: str) -> str:
+    """The first ``key`` line's value in /proc/cpuinfo ("model name", "vendor_id"); "" where unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo_value("model name") or platform.processor() or "unknown"
 
 
 #: /proc/cpuinfo flags of native bf16 arithmetic (x86: AVX512-BF16, AMX; Arm: the BF16 extension).
