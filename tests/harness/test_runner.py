@@ -101,6 +101,15 @@ def test_environment_and_schema_recorded(tmp_path):
     assert set(frame.schema_version) == {1} and set(frame.suite) == {"t"}
 
 
+def test_result_files_get_the_mode_a_plain_write_gives(tmp_path):
+    # written atomically through mkstemp, which creates 0600: others sharing the run could not read them
+    run_suite(suite(["noop"]), tmp_path)
+    (tmp_path / "plain.txt").write_text("x")
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    written = [tmp_path / "environment.json", tmp_path / "suite.json", *sorted((tmp_path / "cells").glob("*.json"))]
+    assert len(written) == 3 and {p.stat().st_mode & 0o777 for p in written} == {plain}
+
+
 def test_missing_dataset_fails_before_any_cell(tmp_path):
     from harness.data import DatasetError
 
