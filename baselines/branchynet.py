@@ -78,6 +78,11 @@ class BranchyResNet(EarlyExitNetwork):
         stages = [backbone.stem, backbone.layer1, nn.Sequential(backbone.layer2, backbone.layer3)]
         super().__init__(stages, [branch0, branch1, backbone.head], exit_weights)
         self.depth, self.widths, self.branch_head = depth, tuple(widths), branch_head
+        self.__dict__["_dense"] = backbone  # not a registered child: its modules are the stages' own
+
+    def dense_backbone(self) -> CifarResNet:
+        """The ResNet whose modules the stages and the main head are (a ResNet checkpoint loads into it)."""
+        return self.__dict__["_dense"]
 
 
 NOTES = (

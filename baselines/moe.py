@@ -264,6 +264,21 @@ class MoEResNet(DynamicModel):
                            "routers": ("moe.*.router",) + (("moe.*.noise",) if router == "noisy_topk" else ())}
         self.importance_weight, self.load_weight, self.balance_weight = importance_weight, load_weight, balance_weight
 
+    def dense_backbone(self) -> CifarResNet:
+        """The ResNet the MoE layers are inserted into (a ResNet checkpoint loads into it)."""
+        return self.backbone
+
+    def on_backbone_loaded(self) -> None:
+        """Sparse upcycling (Komatsuzaki et al., ICLR 2023) from a dense ResNet: every expert's output
+        layer starts at zero, so each MoE layer adds nothing and the model computes exactly the dense
+        network's function (the dense network's feed-forward at each MoE position is the identity
+        residual, copied into every expert as the zero map); the routers keep their initialisation,
+        and the experts' first layers their random ones, which break the experts' symmetry."""
+        for layer in self.moe:
+            for expert in layer.experts:
+                nn.init.zeros_(expert.fc2.weight)
+                nn.init.zeros_(expert.fc2.bias)
+
     def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0
              ) -> tuple[Tensor, list[Routing]]:
         b = self.backbone

@@ -210,7 +210,7 @@ class SDN(EarlyExitNetwork):
     def __init__(self, units: Sequence[nn.Module], head: nn.Module, num_classes: int, channels: Sequence[int],
                  positions: Sequence[tuple[int, float]], ic: str = "mixed",
                  exit_weights: Sequence[float] | None = None, backbone_name: str = "",
-                 weight_ramp: bool = True) -> None:
+                 weight_ramp: bool = True, backbone: nn.Module | None = None) -> None:
         if ic not in IC_KINDS:
             raise ValueError(f"ic {ic!r} is not one of {', '.join(IC_KINDS)}")
         stages, heads, start = [], [], 0
@@ -228,6 +228,11 @@ class SDN(EarlyExitNetwork):
         self.backbone_name = backbone_name
         self.final_exit_weights = list(self.exit_weights)
         self.weight_ramp = bool(weight_ramp)
+        self.__dict__["_dense"] = backbone  # not a registered child: its modules are the units' own
+
+    def dense_backbone(self) -> nn.Module | None:
+        """The static backbone whose modules the units and the last head are (its checkpoint loads into it)."""
+        return self.__dict__.get("_dense")
 
     def on_train_epoch(self, epoch: int, epochs: int) -> None:
         """SDN's weight schedule: IC weights from 0.01 (first epoch) linearly to their final values
@@ -274,7 +279,7 @@ def build_sdn(backbone_name: str, *, num_classes: int = 10, in_chans: int = 3,
                      for i in sorted(set(int(i) for i in ic_after))]
     else:
         positions = place_ics(unit_macs, ic_fractions, placement)
-    return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name, weight_ramp)
+    return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name, weight_ramp, backbone)
 
 
 NOTES = (
@@ -285,7 +290,8 @@ NOTES = (
     "of flattened. Loss weights: IC i ramps linearly from 0.01 (first epoch) to its nominal fraction "
     "(0.15..0.9, last epoch), final exit = 1 throughout, as in SDN training (weight_ramp=False keeps the final "
     "values from the start). SDN's exit rule is max-softmax confidence "
-    "(ConfidencePolicy). The backbone is trained jointly (SDN training), not frozen (IC-only training)."
+    "(ConfidencePolicy). The backbone is trained jointly (SDN training) unless the suite says `freeze: backbone` "
+    "(IC-only training on a trained backbone: its weights loaded with `weights:`)."
 )
 
 
@@ -303,7 +309,8 @@ SDN_RECIPE_NOTE = (
     "momentum, lr 0.1 /10 at epochs 35, 60 and 85 of 100, weight decay 1e-4 for ResNets (5e-4 for VGG and "
     "WRN), batch 128, random crop + horizontal flip, all 50k training images, ImageNet mean/std normalisation "
     "(the paper: 'We train the CNNs for 100 epochs, using the hyper-parameters the original studies describe'); "
-    "IC-only training (frozen backbone, Adam 0.001, 25 epochs) is the paper's other mode, not built here")
+    "IC-only training (frozen backbone, Adam 0.001, 25 epochs) is the paper's other mode: `weights:` a trained "
+    "backbone and `train: {freeze: backbone}`")
 SDN_REFERENCE = {"early_exit_cost_reduction_pct_min": 50.0}
 SDN_SOURCE = (
     "SDN abstract (and the authors' README): confidence-based early exits 'reduce the average inference cost by "

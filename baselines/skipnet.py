@@ -85,6 +85,7 @@ from harness.registry import ModelCard, recipe_text, register_model
 PAPER = "Wang et al., SkipNet: Learning Dynamic Routing in Convolutional Networks, ECCV 2018"
 GATE_TYPES = ("rnn", "ffgate1", "ffgate2")
 GATINGS = ("official", "no_downsampling")
+OPEN_GATE_BIAS = 2.0  # a gate's output bias after a dense network's weights are loaded (sigmoid(2 - 1) = 0.73)
 TRAINING_STAGES = ("supervised", "hybrid_rl")
 
 
@@ -199,6 +200,19 @@ class SkipNet(DynamicModel):
             self.gate: nn.Module = RecurrentGate(channels, embed_dim, hidden_dim)
         else:
             self.gate = FeedForwardGates(channels, two_convs=gate_type == "ffgate1")
+
+    def dense_backbone(self) -> CifarResNet:
+        """The gated ResNet itself (a ResNet checkpoint loads into it)."""
+        return self.backbone
+
+    def on_backbone_loaded(self) -> None:
+        """Start from the dense network that was loaded: every gate's output bias is set to
+        :data:`OPEN_GATE_BIAS`, so every gate opens (p >= 0.88 whatever the gate's hidden state) and the
+        model computes the trained ResNet; training then learns which blocks to skip. (From random gates
+        about half the blocks of the trained network would be skipped at the start, which breaks it.)"""
+        outputs = [self.gate.out] if isinstance(self.gate, RecurrentGate) else [g.fc for g in self.gate.gates]
+        for layer in outputs:
+            nn.init.constant_(layer.bias, OPEN_GATE_BIAS)
 
     # ----- configuration ----------------------------------------------------------------------
 
@@ -382,21 +396,25 @@ SKIPNET_SOURCE = (
     "with is not stated). baseline_resnet_top1_cifar100: the paper's ungated ResNet on CIFAR-100 as quoted in "
     "ucbdrive/skipnet issue #8 (not checked against the paper). The paper itself gives CIFAR-10/100 results as "
     "accuracy-vs-FLOPs curves (Fig. 4) and the headline 'reduces computation by 30 - 90% while preserving the "
-    "accuracy of the original model' (abstract); no SkipNet CIFAR-100 number is confirmed here. The HRL "
+    "accuracy of the original model' (abstract; hrl_flops_reduction_pct_min is its lower end); "
+    "no SkipNet CIFAR-100 number is confirmed here. The HRL "
     "numbers are gated operating points (policy 'alpha' rows in this harness), not the all-gates-open last exit, "
     "so no measured value sits beside them")
 
 
 def _card(depth: int) -> ModelCard:
     n = (depth - 2) // 6
-    top1, reduced = SKIPNET_RELEASED[depth]
+    reference = {"hrl_flops_reduction_pct_min": 30.0}  # the abstract's "30 - 90%" lower end
+    if depth in SKIPNET_RELEASED:
+        top1, reduced = SKIPNET_RELEASED[depth]
+        reference.update({"hrl_top1_cifar10": top1, "hrl_flops_reduction_pct": reduced,
+                          "baseline_resnet_top1_cifar100": SKIPNET_BASELINE_C100[depth]})
     return ModelCard(
         family="skipnet",
         paper=PAPER,
         dynamic_kind="gated",
         input_size=32,
-        reference={"hrl_top1_cifar10": top1, "hrl_flops_reduction_pct": reduced,
-                   "baseline_resnet_top1_cifar100": SKIPNET_BASELINE_C100[depth]},
+        reference=reference,
         reference_source=SKIPNET_SOURCE,
         paper_recipe=recipe_text(SKIPNET_RECIPE, SKIPNET_RECIPE_NOTE),
         notes=f"ResNet-{depth} (n={n}) with option-A shortcuts; every block but the first gated as in the official "
@@ -412,6 +430,15 @@ def skipnet38(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn
               rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
               gating: str = "official") -> SkipNet:
     return SkipNet(38, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
+                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
+
+
+@register_model(card=_card(56))
+def skipnet56(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
+              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
+              gating: str = "official") -> SkipNet:
+    """SkipNet on ResNet-56 (no released SkipNet checkpoint; the trained ResNet-56 weights load into it)."""
+    return SkipNet(56, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
                    training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
 
 

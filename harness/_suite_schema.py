@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     GetPydanticSchema,
     PrivateAttr,
+    Strict,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -42,13 +43,15 @@ from harness._schema_types import (
     fail,
     non_empty,
     number,
+    reworded,
     whole,
     whole_valued,
 )
 from harness.data import DATASET_NAMES, DatasetConfig
 from harness.metrics.settings import LatencySettings, MemorySettings
 from harness.policies import POLICY_NAMES
-from harness.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from harness.train import FREEZE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from harness.weights import ADAPTER_CHOICES, CELL_PREFIX, WeightsConfig
 
 METRICS = ("accuracy", "cost", "latency", "memory", "sweep", "patterns")
 TOP_LEVEL = "(top level)"  # the field name in errors about the whole file
@@ -151,8 +154,9 @@ TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (ha
     "warmup_epochs": described(number(ge=0), "linear learning-rate warm-up over this many epochs (may be a "
                                              "fraction) before the schedule; 0: none"),
     "max_steps_per_epoch": described(OptionalSize, "at most this many steps per epoch; null: the whole split"),
-    "precision": described(choice(PRECISIONS), "training arithmetic: fp32, or bf16 autocast of the forward pass "
-                                               "and loss (fp32 weights and gradients); measurement is always fp32"),
+    "precision": described(choice(PRECISIONS), "training arithmetic: fp32, bf16 autocast of the forward pass "
+                                               "and loss (fp32 weights and gradients), or auto: bf16 where the device "
+                                               "has it natively, else fp32; measurement is always fp32"),
     "compile": described(Flag, "torch.compile the training step (inductor; the first steps take a minute to "
                                "compile; measurement always runs the plain model)"),
     "channels_last": described(Flag, "train in channels-last memory format (faster convolutions on GPUs)"),
@@ -160,6 +164,9 @@ TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (ha
                                       "(SyncBatchNorm)"),
     "device_batches": described(Flag, "assemble and augment batches as tensors on the training device when "
                                       "the dataset is in memory (off: the DataLoader path)"),
+    "freeze": described(choice(FREEZE), "backbone: train only what a dynamic model adds to its dense backbone "
+                                        "(exit heads, gates, routers, experts), the backbone fixed in eval mode; "
+                                        "none: train everything"),
 })
 
 #: A suite's ``latency:`` section: these fields of LatencySettings (the others are the runner's).
@@ -217,6 +224,38 @@ def _registered(name: str) -> str:
     return name
 
 
+Sha256 = Annotated[str, Strict(), Field(pattern=r"^[0-9a-fA-F]{64}$"),
+                   reworded("must be a sha256 of 64 hex digits, got {got}")]
+Channels = Annotated[tuple[number(gt=0), ...], Field(min_length=1)]
+
+
+class WeightsSection(Section):
+    """Trained weights the model starts from (harness.weights); a bare string stands for the source."""
+
+    shorthand = "source"
+    source: described(Text, "a file (relative to the suite file's folder, or absolute), an https URL (downloaded "
+                            "once into the cache, sha256-checked) or cell:LABEL (the trained checkpoint of that "
+                            "model entry of this run, which runs first)")
+    sha256: described(Sha256 | None, "the file's sha256; a URL without it needs a hash prefix in its file name "
+                                     "(name-<8+ hex digits>.ext, the torch.hub convention)") = None
+    adapter: described(choice(ADAPTER_CHOICES), "how the checkpoint's keys map onto the model: auto (every declared "
+                                                "layout the keys show), none, or one adapter by name") = "auto"
+    mean: described(Channels | None, "per-channel mean of [0, 1] pixels the weights were trained with (overrides "
+                                     "what the checkpoint or its adapter declares)") = None
+    std: described(Channels | None, "per-channel std, as mean") = None
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> WeightsSection:
+        if (self.mean is None) != (self.std is None) or (self.mean and len(self.mean) != len(self.std)):
+            raise ValueError("give mean and std together, one number per channel each")
+        if self.source.startswith(CELL_PREFIX) and not self.source[len(CELL_PREFIX):]:
+            raise ValueError("cell: needs the label of a model entry of this suite, e.g. cell:resnet56")
+        return self
+
+
+Weights = Annotated[WeightsConfig, parsed_as(WeightsSection, _instance(WeightsConfig))]
+
+
 class ModelEntry(Section):
     """A model to run; a bare name stands for the model with its defaults."""
 
@@ -228,6 +267,19 @@ class ModelEntry(Section):
     label: described(str, "the name in results (default: the model name); unique within the suite") = ""
     train: TrainOverrides = {}
     attribute_sweep: described(AttributeSweep | None, "a second training stage per value of an attribute") = None
+    weights: described(Weights | None, "trained weights to start from (a file, an https URL, or cell:LABEL); "
+                                       "their declared normalisation replaces the training split's") = None
+    pretrained: described(Flag, "timm: models only: timm's own pretrained weights (downloaded by timm) and the "
+                                "normalisation of their pretrained_cfg") = False
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> ModelEntry:
+        if self.pretrained and not self.name.startswith("timm:"):
+            raise ValueError(f"pretrained: true is for timm: models (timm's own weights); {self.name!r} takes "
+                             "`weights:` (a file, an https URL or cell:LABEL)")
+        if self.pretrained and self.weights is not None:
+            raise ValueError("give either `weights` or `pretrained: true`, not both")
+        return self
 
     @property
     def display(self) -> str:
@@ -347,6 +399,19 @@ class Suite(Section):
         if repeated:
             raise fail("labels must be unique; repeated: {repeated} (give each a distinct `label`)",
                        repeated=", ".join(repeated))
+        for i, entry in enumerate(models):
+            seen, current = [entry.display], entry
+            while current.weights is not None and current.weights.kind == "cell":
+                label = current.weights.cell_label
+                if label not in labels:
+                    raise fail("models[{i}].weights.source cell:{label}: no model entry of this suite has that label; "
+                               "allowed: {allowed}", i=i, label=label,
+                               allowed=", ".join(x for x in labels if x != entry.display))
+                if label in seen:
+                    raise fail("models[{i}].weights.source cell:{label}: the weights refer back to themselves "
+                               "({chain})", i=i, label=label, chain=" -> ".join([*seen, label]))
+                seen.append(label)
+                current = models[labels.index(label)]
         return models
 
     @field_validator("seeds")
@@ -402,7 +467,12 @@ class Suite(Section):
         if missing:
             from harness.registry import unknown_name
             raise SuiteError(str(unknown_name(f"model in suite {self.name}", missing[0], sorted(known))))
-        kept = tuple(m for m in self.models if m.name in names or m.display in names)
+        wanted = {m.display for m in self.models if m.name in names or m.display in names}
+        for entry in [m for m in self.models if m.display in wanted]:  # and the entries their weights come from
+            while entry.weights is not None and entry.weights.kind == "cell":
+                wanted.add(entry.weights.cell_label)
+                entry = next(m for m in self.models if m.display == entry.weights.cell_label)
+        kept = tuple(m for m in self.models if m.display in wanted)
         return self.model_copy(update={"models": kept})
 
     def with_data_root(self, root: str) -> Suite:

@@ -34,7 +34,8 @@ from harness.data import DatasetConfig, DataSplits, load_dataset, stratified_spl
 from harness.devices import check_device
 from harness.outcomes import outcomes_path
 from harness.registry import ModelCard, ModelSpec, register_prefix
-from harness.results import ROW_FIELDS, RunStore, detail_of, slug
+from harness.registry import in_process_reason as registry_in_process_reason
+from harness.results import ROW_FIELDS, RunStore, label_in_process, slug
 from harness.suites import METRICS, Suite, parse_suite
 
 __all__ = ["NOT_REBUILDABLE", "OBJECT_PREFIX", "benchmark", "in_process_reason", "label_in_process"]
@@ -73,22 +74,13 @@ def _object_card(rest: str) -> ModelCard:
                      notes="measured in the calling process: it cannot be rebuilt in a fresh one")
 
 
-register_prefix(OBJECT_PREFIX, _object_factory, _object_card)
+register_prefix(OBJECT_PREFIX, _object_factory, _object_card, not_rebuildable=NOT_REBUILDABLE)
 
 
 def in_process_reason(spec: ModelSpec) -> str | None:
     """Why the model of ``spec`` must be measured in this process (:data:`NOT_REBUILDABLE` for a
     model object given to :func:`benchmark`); None when a worker process can rebuild it."""
-    return NOT_REBUILDABLE if spec.name.startswith(f"{OBJECT_PREFIX}:") else None
-
-
-def label_in_process(rows: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
-    """``rows`` with ``"isolated": false`` and ``"why": why`` added to each row's detail."""
-    out = []
-    for row in rows:
-        detail = {**detail_of(row.get("detail")), "isolated": False, "why": why}
-        out.append({**row, "detail": json.dumps(detail, sort_keys=True)})
-    return out
+    return registry_in_process_reason(spec.name)
 
 
 @contextmanager
@@ -296,8 +288,8 @@ def _prepare_out(out: Path, suite: Suite, cell_id: str) -> None:
 
 def _run(suite: Suite, splits: DataSplits, out: Path, progress: bool) -> list[dict[str, Any]]:
     """Run the suite's one cell into ``out`` as the runner does; its rows as written to disk."""
+    from harness.cells import Cell, run_cell
     from harness.environment import collect_environment
-    from harness.runner import Cell, run_cell
 
     cell = Cell(suite.models[0], suite.datasets[0], suite.devices[0])
     _prepare_out(out, suite, cell.cell_id)
@@ -324,7 +316,7 @@ def benchmark(model: nn.Module | str, data: Any, metrics: str | Sequence[str] = 
               budgets: Sequence[float] = (), out: Path | str | None = None, device: str = "cpu",
               name: str | None = None, kwargs: Mapping[str, Any] | None = None, dataset_name: str | None = None,
               settings: Mapping[str, Any] | None = None, report: bool = False, as_frame: bool = False,
-              progress: bool = False) -> Any:
+              progress: bool = False, weights: str | Mapping[str, Any] | None = None, pretrained: bool = False) -> Any:
     """Train (optionally) and measure one model on one dataset; return the tidy rows the runner writes.
 
     model: an ``nn.Module`` (static, or a :class:`harness.contract.DynamicModel`: early exit, gated,
@@ -341,13 +333,22 @@ def benchmark(model: nn.Module | str, data: Any, metrics: str | Sequence[str] = 
     for ``fractalbench report``/``compare`` and :func:`harness.results.load_run`; it must be new,
     empty or hold an earlier run of the same call, which is replaced. None: a temporary folder,
     deleted afterwards. ``report``: also write ``out/report.html`` (needs ``out``). ``progress``:
-    training progress bars.
+    training progress bars. ``weights``: trained weights to start from, as a suite entry's
+    ``weights:`` (a file relative to the working directory, an https URL, or a mapping with
+    ``source``, ``sha256``, ``adapter``, ``mean``, ``std``; :mod:`harness.weights`); their declared
+    normalisation replaces the data's; ``train={"epochs": 0}`` measures them as loaded,
+    ``train={"freeze": "backbone", ...}`` trains only what a dynamic model adds. ``pretrained``:
+    timm's own weights of a ``timm:NAME`` model.
     Returns a list of row dicts (``as_frame``: a pandas DataFrame with columns ``ROW_FIELDS``).
     A model object's latency and memory rows are measured in this process and labelled so
     (:func:`label_in_process`). ValueError on bad input (before anything runs); RuntimeError when
     the cell fails (its error row is written to ``out``).
     """
     entry, label = _model_entry(model, name, kwargs)
+    if weights is not None:
+        entry["weights"] = dict(weights) if isinstance(weights, Mapping) else weights
+    if pretrained:
+        entry["pretrained"] = True
     chosen, given = _metrics(metrics), _given_datasets(data)
     check_device(device)
     if report and out is None:

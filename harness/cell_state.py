@@ -79,6 +79,15 @@ class CellState:
     points: list[OperatingPoint] = field(default_factory=list)
     outcomes: CellOutcomes | None = None  # the test split's per-sample outcomes of every accuracy row
     previous_rows: list[dict[str, Any]] = field(default_factory=list)  # a remeasured cell's earlier record
+    normalisation: Any = None  # harness.weights.Normalisation the loaded weights declared (None: the data's own)
+
+    def checkpoint_spec(self) -> dict[str, Any]:
+        """What a checkpoint of this cell records to rebuild its model (and the input normalisation its
+        weights were trained with, so that a cell starting from this checkpoint uses it too)."""
+        spec = self.spec.to_dict()
+        if self.normalisation is not None:
+            spec["input_normalisation"] = self.normalisation.to_dict()
+        return spec
 
     def keep(self, metric: str, logits: Tensor, labels: Tensor, k: int = 1, exit_index: Tensor | None = None,
              **key: Any) -> float:

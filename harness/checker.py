@@ -459,12 +459,13 @@ def run_checks(model: nn.Module, x: Tensor) -> CheckReport:
 
 
 def check_registered(name: str, input_size: int | None = None, batch_size: int | None = None, *,
-                     num_classes: int = 10, seed: int = 0) -> CheckReport:
+                     num_classes: int = 10, seed: int = 0, weights: Any = None) -> CheckReport:
     """Every check on model ``name`` (as :func:`harness.registry.create_model` resolves it, weights
     from ``torch.manual_seed(seed)``) with a random normal batch (seed ``seed``) of ``batch_size``
     images (default max(8, 2 x its exits)) of side ``input_size`` (default: its card's), after
     :func:`settle_batchnorm` on that batch. ValueError for a bad name or a batch too small (under
-    2, or under its exits for an early-exit model)."""
+    2, or under its exits for an early-exit model). ``weights``: a :class:`harness.weights.WeightsConfig`
+    loaded after the build (then the batch norms keep the weights' statistics)."""
     from harness.registry import create_model, model_card
 
     card = model_card(name)
@@ -472,6 +473,10 @@ def check_registered(name: str, input_size: int | None = None, batch_size: int |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create_model(name, num_classes=num_classes, in_chans=card.in_chans)
+    if weights is not None:
+        from harness.weights import load_weights
+
+        load_weights(model, weights, name=name)
     exits = contract.num_exits(model)
     n = batch_size if batch_size is not None else max(8, 2 * exits)
     least = max(2, exits) if contract.dynamic_kind(model) == "early_exit" else 2
@@ -479,7 +484,7 @@ def check_registered(name: str, input_size: int | None = None, batch_size: int |
         raise ValueError(f"batch size {n} is too small to check {name}: it needs at least {least} samples "
                          f"(some must leave at each of its {exits} exits)")
     x = torch.randn((n, card.in_chans, size, size), generator=torch.Generator().manual_seed(seed))
-    return run_checks(settle_batchnorm(model, x), x)
+    return run_checks(model.eval() if weights is not None else settle_batchnorm(model, x), x)
 
 
 def settle_batchnorm(model: nn.Module, x: Tensor) -> nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -106,6 +107,45 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default="*", help="shell-style wildcard on model names (default: *)")
 
 
+def _add_weights_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights-dir", type=Path, default=None, metavar="DIR",
+                   help="a folder holding weights files by name: a weights URL whose file is there is read from "
+                        "it (hash-checked) instead of downloaded (for machines without network access)")
+
+
+def _use_weights_dir(args: argparse.Namespace) -> None:
+    """Make --weights-dir visible to this process and the cell and measurement processes it starts."""
+    folder = getattr(args, "weights_dir", None)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise CliError(f"--weights-dir {folder} is not a directory")
+    from harness.weights import WEIGHTS_DIR_ENV
+
+    os.environ[WEIGHTS_DIR_ENV] = str(folder.resolve())
+
+
+def _add_weights(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--weights", default=None, metavar="SOURCE", required=required,
+                   help="trained weights to load: a file or an https URL (as a suite's `weights:`); a CIFAR ResNet "
+                        "checkpoint also loads into the models built on it (sdn:resnet56, branchynet_resnet56, ...)")
+    p.add_argument("--weights-sha256", default=None, metavar="HEX", help="the weights file's sha256 (checked)")
+    _add_weights_dir(p)
+
+
+def _weights_config(args: argparse.Namespace) -> object | None:
+    """The --weights option as a WeightsConfig (None when not given)."""
+    _use_weights_dir(args)
+    if getattr(args, "weights", None) is None:
+        return None
+    from harness.weights import WeightsConfig
+
+    sha = args.weights_sha256
+    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+        raise CliError(f"--weights-sha256 must be 64 hex digits, got {sha!r}")
+    return WeightsConfig(args.weights, sha256=sha)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a suite; results go to --out (running again resumes)")
     p.add_argument("suite", help="suite name (see `fractalbench list suites`) or path to a .yaml file")
@@ -115,6 +155,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="override the suite's devices: cpu, cuda, cuda:N")
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="read every on-disk dataset of the suite from DIR instead of its `root`")
+    _add_weights_dir(p)
     p.add_argument("--remeasure", action="store_true",
                    help="measure the finished cells again from their checkpoints (no retraining); their old "
                         "records go to DIR/stale/remeasure-<time>/")
@@ -146,6 +187,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=_positive_int, default=10)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--batch-size", type=_positive_int, default=1)
+    _add_weights(p)
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -159,12 +201,15 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
                    help="image side in pixels (default: the model card's)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="random samples (default: 8, or 2 x the exits if more; at least 2)")
+    _add_weights(p)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="per-exit accuracy of a model checkpoint on a dataset's test split")
+    p = sub.add_parser("evaluate", help="per-exit accuracy of a model checkpoint (or trained weights) on a dataset's "
+                                        "test split")
     p.add_argument("model", help="registered model name the checkpoint was trained as")
-    p.add_argument("--checkpoint", type=Path, required=True, help="file written by `run` or harness.distributed")
+    p.add_argument("--checkpoint", type=Path, default=None, help="file written by `run` or harness.distributed")
+    _add_weights(p)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--root", default="data", help="where torchvision datasets are (default: data)")
     p.add_argument("--image-size", type=_positive_int, default=16)
@@ -280,6 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.suites import load_suite
 
     suite = load_suite(args.suite)
+    _use_weights_dir(args)
     if args.models:
         suite = suite.with_models(args.models)
     if args.data_root is not None:
@@ -336,6 +382,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     check_device(args.device)
     size = args.input_size or model_card(args.model).input_size
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    weights = _weights_config(args)
+    if weights is not None:
+        from harness.weights import load_weights
+
+        loaded = load_weights(model, weights, name=args.model)
+        print(f"weights: {loaded.source} (sha256 {loaded.sha256[:16]}..., into the {loaded.target})")
     table = profile_model(model, input_size=size, device=args.device, batch_size=args.batch_size,
                           in_chans=args.in_chans)
     print(format_profile(table))
@@ -348,7 +400,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from harness.checker import check_registered
 
-    report = check_registered(args.model, args.input_size, args.batch_size)
+    report = check_registered(args.model, args.input_size, args.batch_size, weights=_weights_config(args))
     print(report.text())
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
@@ -369,9 +421,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"--kwargs is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise CliError("--kwargs must be a JSON object, e.g. '{\"width\": 2}'")
+    weights = _weights_config(args)
+    if (weights is None) == (args.checkpoint is None):
+        raise CliError("give one of --checkpoint (a fractalbench checkpoint) or --weights (trained weights)")
     splits = load_dataset(DatasetConfig(args.dataset, root=args.root, image_size=args.image_size))
     model = ModelSpec(args.model, kwargs, splits.num_classes, splits.in_chans).build()
-    load_checkpoint(args.checkpoint, model)
+    if weights is not None:
+        from harness.data import with_normalisation
+        from harness.weights import load_weights
+
+        loaded = load_weights(model, weights, name=args.model)
+        norm = loaded.normalisation
+        if norm is not None:
+            splits = with_normalisation(splits, norm.mean, norm.std, norm.declared_by)
+        print(f"weights: {loaded.source} (sha256 {loaded.sha256[:16]}..., into the {loaded.target}); normalisation: "
+              f"{norm.declared_by if norm else 'the training split statistics (the weights declare none)'}")
+    else:
+        load_checkpoint(args.checkpoint, model)
+    print(f"dataset: {args.dataset} test split ({len(splits.test)} images, {splits.image_size}x{splits.image_size})")
     logits, labels = collect_exit_logits(model, splits.test, 256, args.device)
     rows = [(k, f"{topk_accuracy(exit_logits, labels, 1):.2f}", f"{topk_accuracy(exit_logits, labels, 5):.2f}")
             for k, exit_logits in enumerate(logits)]

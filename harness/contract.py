@@ -239,6 +239,12 @@ OPTIONAL_HOOKS: dict[str, str] = {
     "on_train_end": "method (train_set, batch_size, device) -> None, after the last epoch and before the final "
                     "checkpoint (FractalNet's batch-norm statistics per inference path)",
     "ddp_find_unused_parameters": "bool for DistributedDataParallel; default True for gated and routed models",
+    "dense_backbone": "method () -> nn.Module: the dense network whose modules this model shares (SDN, BranchyNet, "
+                      "SkipNet and the MoE ResNets are built on a CIFAR ResNet): that network's weights load into it "
+                      "(harness.weights) and `freeze: backbone` trains everything else; default: none",
+    "on_backbone_loaded": "method () -> None, called after weights were loaded into the dense backbone (MoE: the "
+                          "experts start as the zero function, so the model starts as the dense network: sparse "
+                          "upcycling); default: nothing",
     "cost_roles": "mapping role (one of COST_ROLES) -> submodule name patterns (fnmatch, relative to the model, "
                   "e.g. 'heads', 'moe.*.router'): the modules whose MACs are that role's; default: nothing "
                   "declared, every MAC is backbone",
@@ -287,6 +293,18 @@ def cost_roles(model: nn.Module) -> dict[str, tuple[str, ...]]:
 def active_parameters(model: nn.Module) -> int | None:
     hook = getattr(model, "active_parameters", None)
     return int(hook()) if callable(hook) else None
+
+
+def dense_backbone(model: nn.Module) -> nn.Module | None:
+    """The dense network ``model`` is built on (its ``dense_backbone()`` hook), or None."""
+    hook = getattr(model, "dense_backbone", None)
+    return hook() if callable(hook) else None
+
+
+def on_backbone_loaded(model: nn.Module) -> None:
+    hook = getattr(model, "on_backbone_loaded", None)
+    if callable(hook):
+        hook()
 
 
 def full_network_is_exit(model: nn.Module) -> bool:

@@ -218,3 +218,34 @@ def input_shape(splits: DataSplits) -> tuple[int, int, int]:
 
 def subset(ds: Dataset, n: int) -> Dataset:
     return Subset(ds, list(range(min(n, len(ds)))))  # type: ignore[arg-type]
+
+
+def with_normalisation(splits: DataSplits, mean: Sequence[float], std: Sequence[float], declared_by: str) -> DataSplits:
+    """``splits`` normalised with ``mean``/``std`` (per channel, of [0, 1] pixels) instead of the
+    training split's statistics: the same stored pixels, read through the new statistics (trained
+    weights declare the normalisation they were trained with). ValueError for a dataset that does not
+    keep its raw pixels (the digits and synthetic data are stored normalised) or a channel mismatch."""
+    from dataclasses import replace
+
+    from harness._images import ImageFiles, UInt8Images
+
+    if len(mean) != splits.in_chans or len(std) != splits.in_chans:
+        raise ValueError(f"the weights' normalisation has {len(mean)} channel(s) (declared by {declared_by}); dataset "
+                         f"{splits.name} has {splits.in_chans}")
+    m, s = torch.tensor([float(v) for v in mean]), torch.tensor([float(v) for v in std])
+
+    def renormalised(ds: Dataset) -> Dataset:
+        if isinstance(ds, Augmented):
+            return Augmented(renormalised(ds.base), ds.transform)
+        if isinstance(ds, UInt8Images):
+            return UInt8Images(ds.images, ds.labels, m, s)
+        if isinstance(ds, ImageFiles):
+            return ImageFiles(ds.paths, ds.labels, ds.size, m, s)
+        raise ValueError(f"dataset {splits.name} is stored normalised ({type(ds).__name__}), so the weights' own "
+                         f"normalisation (declared by {declared_by}) cannot be applied to it")
+
+    info = {**splits.info, "normalisation": {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
+                                             "from": f"the weights: {declared_by}",
+                                             "split_statistics": splits.info.get("normalisation")}}
+    return replace(splits, train=renormalised(splits.train), val=renormalised(splits.val),
+                   test=renormalised(splits.test), info=info)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cells import Cell, cell_meta, dependencies, error_record, run_cell
 from harness.results import RunStore
 
 EXECUTORS = ("process", "local", "slurm")
@@ -142,7 +143,7 @@ def _runtime_registrations(names: set[str]) -> bytes:
 class CellJob:
     """One cell to run in another process: picklable; calling it runs the cell and writes its file."""
 
-    cell: Any  # harness.runner.Cell
+    cell: Cell
     suite: Any  # harness.suites.Suite
     run_dir: str
     commit: str
@@ -155,7 +156,6 @@ class CellJob:
         """Run the cell (unless its file exists) and return its status, "ok" or "error"."""
         self._settle()
         from harness.data import load_dataset
-        from harness.runner import run_cell
 
         store = RunStore(self.run_dir)
         if store.is_done(self.cell.cell_id):  # a requeued job whose cell finished meanwhile
@@ -405,8 +405,6 @@ class _Books:
 
     def record(self, cell: Any, handle: Any, took: float) -> None:
         """Account for a cell whose process or job ended: its own file, else an error record of the crash."""
-        from harness.runner import cell_meta, error_record
-
         store = self.store
         data = store.read_meta(f"cells/{cell.cell_id}.json") if store.is_done(cell.cell_id) else None
         if data is None:
@@ -447,8 +445,11 @@ def run_elsewhere(cells: list[Any], suite: Any, store: RunStore, summary: Any, e
     try:
         while todo or running:
             while todo and len(running) < launcher.jobs:
+                ready = _next_ready(todo, suite, store, {c.cell_id for c, _, _ in running.values()})
+                if ready is None:  # every cell left waits for a running cell whose checkpoint it starts from
+                    break
                 slot = min(set(range(launcher.jobs)) - set(running))
-                cell = todo.pop(0)
+                cell = todo.pop(ready)
                 running[slot] = (cell, launcher.start(cell, slot), time.perf_counter())
             for slot, (cell, handle, started) in list(running.items()):
                 if handle.finished():
@@ -457,6 +458,16 @@ def run_elsewhere(cells: list[Any], suite: Any, store: RunStore, summary: Any, e
             time.sleep(launcher.poll_s)
     finally:
         _stop_all([handle for _, handle, _ in running.values()])
+
+
+def _next_ready(todo: list[Cell], suite: Any, store: RunStore, running: set[str]) -> int | None:
+    """Index of the first cell of ``todo`` whose dependencies (``weights: cell:LABEL``) are neither
+    waiting nor running (a dependency that failed lets it start, to fail with that reason); None: none."""
+    waiting = {c.cell_id for c in todo} | running
+    for i, cell in enumerate(todo):
+        if not any(dep in waiting and not store.is_done(dep) for dep in dependencies(cell, suite)):
+            return i
+    return None
 
 
 def _stop_all(handles: list[Any]) -> None:

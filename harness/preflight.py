@@ -7,6 +7,9 @@ every entry at once, so that a run never spends hours on the first cells to fail
 - every model builds with its keyword arguments (a timm name must be one timm knows): on the meta
   device, where no weight is allocated (on the CPU when a model cannot be built on meta);
 - an ``attribute_sweep`` names attributes the built model has (``attribute`` and every ``set`` key);
+- weights (``weights:``) are found, verified and fit the model (or the dense backbone it is built on),
+  those of ``cell:LABEL`` by the shape of that entry's model; their declared normalisation fits the
+  dataset; ``freeze: backbone`` is asked only of models built on a dense backbone;
 - every training batch size (the suite's, a model's override, a sweep stage's) fits in the
   training split of each dataset: the trainer drops the last incomplete batch, so a batch larger
   than the split would run no step.
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from harness.cells import suite_folder
 from harness.data import DatasetConfig, DataSplits
 from harness.registry import ModelSpec
 from harness.suites import ModelEntry, Suite, SuiteError, sweep_train_config, train_config_for
@@ -39,7 +44,8 @@ def _build(spec: ModelSpec) -> nn.Module:
         return spec.build()
 
 
-def _model_problems(index: int, entry: ModelEntry, splits: DataSplits) -> tuple[list[str], nn.Module | None]:
+def _model_problems(index: int, entry: ModelEntry, splits: DataSplits,
+                    suite: Suite | None = None) -> tuple[list[str], nn.Module | None]:
     where = f"models[{index}]"
     spec = ModelSpec(entry.name, dict(entry.kwargs), splits.num_classes, splits.in_chans)
     try:
@@ -48,7 +54,7 @@ def _model_problems(index: int, entry: ModelEntry, splits: DataSplits) -> tuple[
         field = f"{where}.kwargs" if entry.kwargs and isinstance(exc, (TypeError, ValueError)) else f"{where}.name"
         text = " ".join(str(exc).split())
         return [f"field '{field}': {text if text.startswith('model ') else f'model {entry.display!r}: {text}'}"], None
-    problems = []
+    problems = _weights_problems(index, entry, model, splits, suite)
     sweep = entry.attribute_sweep
     if sweep is not None:
         for key, name in ((f"{where}.attribute_sweep.attribute", sweep.attribute),
@@ -57,6 +63,53 @@ def _model_problems(index: int, entry: ModelEntry, splits: DataSplits) -> tuple[
                 problems.append(f"field '{key}': model {entry.display!r} ({type(model).__name__}) has no attribute "
                                 f"{name!r}")
     return problems, model
+
+
+def _weights_problems(index: int, entry: ModelEntry, model: nn.Module, splits: DataSplits,
+                      suite: Suite | None = None) -> list[str]:
+    from harness.data import with_normalisation
+    from harness.weights import WeightsError, adapt, fit_weights, read_state, resolve
+
+    cfg, where = entry.weights, f"field 'models[{index}].weights'"
+    if cfg is None:
+        return []
+    try:
+        if cfg.kind == "cell":
+            if suite is not None:
+                source = next(m for m in suite.models if m.display == cfg.cell_label)
+                other = _build(ModelSpec(source.name, dict(source.kwargs), splits.num_classes, splits.in_chans))
+                fit_weights(model, other.state_dict(), cfg.source, entry.display)
+            return []
+        found = resolve(cfg, _suite_folder(suite))
+        state, recorded = read_state(found.path)
+        state, used = adapt(state, cfg.adapter)
+        fit_weights(model, state, cfg.source, entry.display)
+        declared = cfg.declared_normalisation() or recorded or next(
+            (a.normalisation for a in used if a.normalisation is not None), None)
+        if declared is not None:
+            with_normalisation(splits, declared.mean, declared.std, declared.declared_by)
+    except (WeightsError, ValueError) as exc:
+        return [f"{where}: {' '.join(str(exc).split())}"]
+    return []
+
+
+def _suite_folder(suite: Suite | None) -> Path:
+    return Path.cwd() if suite is None else suite_folder(suite)
+
+
+def _freeze_problems(suite: Suite, index: int, entry: ModelEntry, model: nn.Module) -> list[str]:
+    from harness.train import frozen_part
+
+    problems = []
+    for field, cfg in ((f"models[{index}].train.freeze", train_config_for(suite, entry)),
+                       (f"models[{index}].attribute_sweep.train.freeze", sweep_train_config(suite, entry))):
+        if cfg is None or cfg.epochs == 0 or cfg.freeze == "none":
+            continue
+        try:
+            frozen_part(model, cfg.freeze)
+        except ValueError as exc:
+            problems.append(f"field '{field}': model {entry.display!r}: {exc}")
+    return problems
 
 
 def _batch_problems(suite: Suite, index: int, entry: ModelEntry, dataset: DatasetConfig,
@@ -82,7 +135,9 @@ def check_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits]) -> lis
     problems: list[str] = []
     for dataset in suite.datasets:
         for i, entry in enumerate(suite.models):
-            found, _ = _model_problems(i, entry, splits[dataset])
+            found, model = _model_problems(i, entry, splits[dataset], suite)
+            if model is not None:
+                found += _freeze_problems(suite, i, entry, model)
             found += _batch_problems(suite, i, entry, dataset, splits[dataset])
             problems += [p for p in found if p not in problems]
     return [f"suite {suite.path}: {p}" for p in problems]

@@ -140,6 +140,7 @@ class _Plugin:
 _MODELS: dict[str, RegisteredModel] = {}
 _PREFIXES: dict[str, tuple[Callable[..., nn.Module], Callable[[str], ModelCard]]] = {}
 _PREFIX_ORIGINS: dict[str, str] = {}
+_NOT_REBUILDABLE: dict[str, str] = {}  # prefix -> why its models cannot be rebuilt in a fresh process
 _PLUGINS: list[_Plugin] = []
 _LOADING: list[str] = []  # the entry point being loaded (origin of the registrations it makes)
 _DISCOVERED = False
@@ -169,15 +170,26 @@ def register_model(name: str | None = None, *, card: ModelCard) -> Callable[[Bui
     return deco
 
 
-def register_prefix(prefix: str, factory: Callable[..., nn.Module], card_for: Callable[[str], ModelCard]) -> None:
+def register_prefix(prefix: str, factory: Callable[..., nn.Module], card_for: Callable[[str], ModelCard], *,
+                    not_rebuildable: str | None = None) -> None:
     """Serve names ``prefix:REST`` with ``factory(REST, num_classes=..., in_chans=..., **kw)``; a
-    prefix that is taken raises a ValueError naming both origins."""
+    prefix that is taken raises a ValueError naming both origins. ``not_rebuildable``: why its models
+    cannot be built again in a fresh process (they exist only in this one), for :func:`in_process_reason`."""
     origin = _origin(getattr(factory, "__module__", None))
     if prefix in _PREFIXES:
         raise ValueError(f"a model prefix is already registered under the name {prefix!r} "
                          f"(by {_PREFIX_ORIGINS[prefix]}; registered again by {origin})")
     _PREFIXES[prefix] = (factory, card_for)
     _PREFIX_ORIGINS[prefix] = origin
+    if not_rebuildable:
+        _NOT_REBUILDABLE[prefix] = not_rebuildable
+
+
+def in_process_reason(name: str) -> str | None:
+    """Why model ``name`` must be measured in this process (its prefix's ``not_rebuildable``, e.g. a
+    model object given to the Python API); None when a worker process can rebuild it by name."""
+    head = name.split(":", 1)[0] if ":" in name else None
+    return _NOT_REBUILDABLE.get(head) if head is not None else None
 
 
 def unregister_model(name: str) -> None:

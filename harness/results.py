@@ -308,3 +308,13 @@ def export_run(run_dir: Path | str, dest: Path | str, command: str) -> list[Path
 def rows_for(rows: Iterable[Mapping[str, Any]], **match: Any) -> list[Mapping[str, Any]]:
     """Rows whose fields equal every given value (a small helper for tests and reports)."""
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def label_in_process(rows: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
+    """``rows`` with ``"isolated": false`` and ``"why": why`` added to each row's detail (latency and
+    memory measured in the calling process, for a model that cannot be rebuilt in a worker)."""
+    out = []
+    for row in rows:
+        detail = {**detail_of(row.get("detail")), "isolated": False, "why": why}
+        out.append({**row, "detail": json.dumps(detail, sort_keys=True)})
+    return out

@@ -14,44 +14,22 @@ import hashlib
 import json
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from harness import executors
+from harness.cells import REMEASURED, Cell, dependency_chain, plan_cells, run_cell
 from harness.data import DatasetConfig, DataSplits, load_dataset
 from harness.devices import check_device
-from harness.environment import collect_environment, machine_info
+from harness.environment import collect_environment
 from harness.outcomes import OUTCOMES_DIR, outcomes_path
 from harness.preflight import precision_warnings, raise_for_suite
-from harness.registry import ModelSpec, model_card
-from harness.results import CellRecord, RunStore, make_row, slug
-from harness.steps import CellState, plan_steps
-from harness.suites import ModelEntry, Suite, SuiteError, parse_suite
+from harness.results import RunStore
+from harness.suites import Suite, SuiteError, parse_suite
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One model on one dataset and device, with one seed. ``seed`` is set only when the suite lists
-    several (``seeds``): then it is part of the cell id (``...__seed3``); else the suite's ``seed``."""
-
-    model: ModelEntry
-    dataset: DatasetConfig
-    device: str
-    seed: int | None = None
-
-    @property
-    def cell_id(self) -> str:
-        parts = [self.model.display, self.dataset.label, self.device]
-        return "__".join(slug(p) for p in parts) + ("" if self.seed is None else f"__seed{self.seed}")
-
-    def train_seed(self, suite: Suite) -> int:
-        return suite.seed if self.seed is None else self.seed
 
 
 @dataclass
@@ -64,33 +42,36 @@ class RunSummary:
     interrupted: bool = False
 
 
-def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
-    """Every (dataset, seed, model, device) of the suite, in that order of nesting: the seeds are
-    outside the models, so a run stopped part-way holds whole replicates (every model with the first
-    seed before any model with the second), which a comparison of models can already use."""
-    devs = devices or list(suite.devices)
-    seeds: tuple[int | None, ...] = suite.seeds if len(suite.seeds) > 1 else (None,)
-    return [Cell(m, d, dev, seed) for d in suite.datasets for seed in seeds for m in suite.models for dev in devs]
-
-
 # Suite keys that do not change any cell's numbers (they only name, describe or choose cells, or say
 # what a cluster job asks for; the seed of a cell of a several-seed suite is part of its own identity).
 _NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds", "resources")
 
 
+def _raw_label(entry: Any) -> str:
+    """The label a raw YAML model entry gets (a bare name, or its ``label`` else its ``name``)."""
+    if isinstance(entry, dict):
+        return str(entry.get("label") or entry.get("name"))
+    return str(entry)
+
+
 def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, str]:
     """cell id -> digest of everything in the suite file that decides that cell's numbers: its model
-    entry, its dataset entry and every shared section (train, evaluate, metrics, policies, seed...).
-    Editing one model's entry changes only that model's cells."""
+    entry (found by its label in the whole suite as written, whatever ``--models`` kept), the entries
+    it takes weights from (``cell:LABEL``), its dataset entry and every shared section (train,
+    evaluate, metrics, policies, seed...). Editing one model's entry changes only that model's cells
+    and those built on them."""
     raw = suite.raw
     shared = {k: v for k, v in raw.items() if k not in _NOT_IN_CELL_DIGEST}
-    raw_models, raw_datasets = list(raw.get("models") or []), list(raw.get("datasets") or [])
+    raw_models = {_raw_label(m): m for m in raw.get("models") or []}
+    raw_datasets = list(raw.get("datasets") or [])
     out = {}
-    index = {(id(m), id(d)): (i, j) for i, m in enumerate(suite.models) for j, d in enumerate(suite.datasets)}
     for cell in plan_cells(suite, devices):
-        m, d = index[id(cell.model), id(cell.dataset)]
-        identity = {"shared": shared, "model": raw_models[m] if m < len(raw_models) else None,
+        d = next(j for j, ds in enumerate(suite.datasets) if ds is cell.dataset)
+        identity = {"shared": shared, "model": raw_models.get(cell.model.display),
                     "dataset": raw_datasets[d] if d < len(raw_datasets) else None}
+        upstream = [raw_models.get(dep.model.display) for dep in dependency_chain(cell, suite)]
+        if upstream:
+            identity["weights_from"] = upstream
         if cell.seed is not None:
             identity["seed"] = cell.seed
         out[cell.cell_id] = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -127,9 +108,6 @@ def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -
         echo(f"{cell_id}: its suite entry changed; the old result is in {stale}, the cell runs again")
 
 
-REMEASURED = "remeasure-"  # stale/remeasure-<time>/: the records of cells set aside by --remeasure
-
-
 def set_aside_for_remeasure(store: RunStore, cell_ids: list[str], echo: Callable[[str], None]) -> Path | None:
     """Move the finished cells' records (cell file and outcomes) to ``stale/remeasure-<time>/``,
     keeping their checkpoints: they run again, training resumes at its last epoch (so nothing
@@ -149,17 +127,6 @@ def set_aside_for_remeasure(store: RunStore, cell_ids: list[str], echo: Callable
     return folder
 
 
-def _earlier_record(store: RunStore, cell_id: str) -> list[dict[str, Any]]:
-    """The rows of the newest record of ``cell_id`` set aside by --remeasure ([] if none)."""
-    found = sorted((store.run_dir / "stale").glob(f"{REMEASURED}*/cells/{cell_id}.json"))
-    if not found:
-        return []
-    try:
-        return list(json.loads(found[-1].read_text(encoding="utf-8")).get("rows", []))
-    except (OSError, json.JSONDecodeError):
-        return []
-
-
 def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, progress: bool = False,
               echo: Callable[[str], None] = lambda s: None, remeasure: bool = False, jobs: int | None = None,
               executor: str = "process") -> RunSummary:
@@ -171,9 +138,7 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     for dev in devices or suite.devices:
         check_device(dev)
     if not in_process:
-        from harness.executors import check_executor
-
-        check_executor(executor, jobs)
+        executors.check_executor(executor, jobs)
     store = RunStore(out_dir)
     _check_run_dir(store, suite, echo)
     splits_cache: dict[DatasetConfig, DataSplits] = {}
@@ -189,9 +154,7 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
                                     "content": suite.raw})
     environment = collect_environment()
     if not in_process:
-        from harness.executors import execution_info
-
-        environment["execution"] = execution_info(executor, jobs)
+        environment["execution"] = executors.execution_info(executor, jobs)
     store.write_meta("environment.json", environment)
     cells = plan_cells(suite, devices)
     summary = RunSummary(out_dir)
@@ -200,9 +163,7 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
         if in_process:
             _run_here(cells, suite, store, splits_cache, summary, progress, echo, environment["git_commit"])
         else:
-            from harness.executors import run_elsewhere
-
-            run_elsewhere(cells, suite, store, summary, echo, executor=executor, jobs=jobs,
+            executors.run_elsewhere(cells, suite, store, summary, echo, executor=executor, jobs=jobs,
                           commit=environment["git_commit"], splits=splits_cache)
     except KeyboardInterrupt:
         summary.interrupted = True
@@ -233,63 +194,3 @@ def _run_here(cells: list[Cell], suite: Suite, store: RunStore, splits_cache: di
             echo(f"[{i}/{len(cells)}] {cell.cell_id}: FAILED ({record.error.splitlines()[0]})")
 
 
-def cell_fields(cell: Cell, suite: Suite, store: RunStore) -> dict[str, Any]:
-    """The fields every row of ``cell`` carries (run, suite, cell id, model, dataset, device, seed)."""
-    return {"run_id": store.run_id, "suite": suite.name, "cell_id": cell.cell_id, "model": cell.model.display,
-            "variant": cell.model.name, "dataset": cell.dataset.label, "device": cell.device,
-            "seed": cell.train_seed(suite)}
-
-
-def cell_meta(cell: Cell, suite: Suite, commit: str) -> dict[str, Any]:
-    """The start of a cell record's ``meta``: what ran (model, options, dataset, device, seed, commit)."""
-    return {"model": cell.model.name, "kwargs": cell.model.kwargs, "dataset": cell.dataset.label,
-            "device": cell.device, "seed": cell.train_seed(suite), "git_commit": commit}
-
-
-def error_record(cell: Cell, suite: Suite, store: RunStore, message: str, meta: dict[str, Any]) -> CellRecord:
-    """The record of a failed cell: one ``error`` row carrying ``message``."""
-    return CellRecord(cell.cell_id, "error", [make_row("error", None, "", error=message,
-                                                       **cell_fields(cell, suite, store))], message, meta)
-
-
-def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, progress: bool = False,
-             commit: str = "") -> CellRecord:
-    """Run one cell; any exception becomes an error record (KeyboardInterrupt propagates)."""
-    fields = cell_fields(cell, suite, store)
-    meta = cell_meta(cell, suite, commit)  # a resumed run's cells: maybe several commits
-    try:
-        spec = ModelSpec(cell.model.name, dict(cell.model.kwargs), splits.num_classes, splits.in_chans)
-        torch.manual_seed(cell.train_seed(suite))
-        model = spec.build()
-        state = CellState(cell, suite, store, splits, spec, model, fields, progress,
-                          previous_rows=_earlier_record(store, cell.cell_id))
-        rows: list[dict[str, Any]] = []
-        start, steps = time.perf_counter(), {}
-        for step in plan_steps(state, frozenset(suite.metrics)):
-            begun = time.perf_counter()
-            rows.extend(step.run(state))
-            steps[step.name] = round(time.perf_counter() - begun, 3)
-        rows.append(make_row("cell_seconds", time.perf_counter() - start, "s", **fields,
-                             detail={"steps": steps, "threads": torch.get_num_threads()}))
-        if state.outcomes is not None:  # before the cell file: a finished cell always has its outcomes
-            state.outcomes.save(outcomes_path(store.run_dir, cell.cell_id))
-            meta["outcomes"] = f"{OUTCOMES_DIR}/{cell.cell_id}.npz"
-        meta["machine"] = machine_info(cell.device)
-        meta["spec"] = spec.to_dict()
-        meta["data"] = splits.info
-        meta["card"] = _card_dict(cell.model.name)
-        return CellRecord(cell.cell_id, "ok", rows, meta=meta)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a failed cell is data, not a crash
-        message = f"{type(exc).__name__}: {exc}"
-        log.debug("cell %s failed:\n%s", cell.cell_id, traceback.format_exc())
-        meta["traceback"] = traceback.format_exc(limit=8)
-        return error_record(cell, suite, store, message, meta)
-
-
-def _card_dict(name: str) -> dict[str, Any]:
-    card = model_card(name)
-    return {"family": card.family, "paper": card.paper, "dynamic_kind": card.dynamic_kind,
-            "reference": dict(card.reference), "reference_source": card.reference_source, "notes": card.notes,
-            "paper_recipe": card.paper_recipe}

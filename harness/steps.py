@@ -27,9 +27,10 @@ from harness.metrics.exit_stats import exit_stat_rows
 from harness.metrics.flops import build_cost_table, cost_rows, expected_cost_rows, expected_macs, oracle_rows
 from harness.metrics.settings import StreamPoint
 from harness.policies import DecisionThreshold, make_policy
-from harness.results import slug
+from harness.registry import in_process_reason
+from harness.results import label_in_process, slug
 from harness.suites import PolicyConfig, sweep_train_config, train_config_for
-from harness.train import train_model
+from harness.train import resolved_precision, train_model
 
 __all__ = ["STEPS", "CellState", "ExitLogits", "OperatingPoint", "Step", "check_step_order", "plan_steps"]
 
@@ -52,7 +53,7 @@ def _covers_every_epoch(row: dict[str, Any]) -> bool:
     return detail.get("resumed_from_epoch") == 0 or str(detail.get("covers", "")).startswith("every epoch")
 
 
-def _train_rows(s: CellState, result: Any, epochs: int, **point: Any) -> Rows:
+def _train_rows(s: CellState, result: Any, cfg: Any, **point: Any) -> Rows:
     """Training time (every epoch, resumed ones included, when the checkpoint kept their times; else
     this call's; a remeasured cell whose checkpoint ran no epoch keeps its first record's) and the
     last epoch's loss terms."""
@@ -66,8 +67,9 @@ def _train_rows(s: CellState, result: Any, epochs: int, **point: Any) -> Rows:
         if result.epochs_run == 0 and earlier:
             seconds, covers = earlier[0]["value"], "every epoch, from the cell's record before it was remeasured"
     rows = [s.row("train_seconds", seconds, "s", split="train", **point,
-                  detail={"epochs": epochs, "resumed_from_epoch": result.resumed_from_epoch, "covers": covers,
-                          "this_call_seconds": result.seconds})]
+                  detail={"epochs": cfg.epochs, "resumed_from_epoch": result.resumed_from_epoch, "covers": covers,
+                          "this_call_seconds": result.seconds, "freeze": cfg.freeze,
+                          "precision": resolved_precision(cfg.precision, s.device)})]
     for term, value in (result.history[-1] if result.history else {}).items():
         rows.append(s.row(f"train_loss_{term}", value, "nats", split="train", **point))
     return rows
@@ -79,8 +81,8 @@ def step_train(s: CellState) -> Rows:
         return []
     s.checkpoint = s.store.artifact_dir(s.cell.cell_id) / "model.pt"
     result = train_model(s.model, s.splits.train, cfg, device=s.device, checkpoint=s.checkpoint,
-                         spec=s.spec.to_dict(), progress=s.progress)
-    return _train_rows(s, result, cfg.epochs)
+                         spec=s.checkpoint_spec(), progress=s.progress)
+    return _train_rows(s, result, cfg)
 
 
 def step_accuracy(s: CellState) -> Rows:
@@ -262,11 +264,11 @@ def step_attribute_sweep(s: CellState) -> Rows:
         detail = {"stage": dict(sweep.set), "from": "first-stage weights", "fitted_on": "train"}
         if cfg is not None and cfg.epochs > 0:
             name = f"stage2_{slug(sweep.attribute)}_{value:g}.pt"
-            spec = {**s.spec.to_dict(), "stage": {**sweep.set, sweep.attribute: value}}
+            spec = {**s.checkpoint_spec(), "stage": {**sweep.set, sweep.attribute: value}}
             result = train_model(model, s.splits.train, cfg, device=s.device, progress=s.progress, spec=spec,
                                  checkpoint=s.store.artifact_dir(s.cell.cell_id) / name)
             detail["epochs"] = cfg.epochs
-            rows.extend(_train_rows(s, result, cfg.epochs, **point))
+            rows.extend(_train_rows(s, result, cfg, **point))
         logits, trace, labels = run_policy(model, s.splits.test, None, s.suite.eval_batch_size, s.device)
         top1 = s.keep("policy_top1", logits, labels, exit_index=trace.exit_index, **point)
         rows.append(s.row("policy_top1", top1, "%", split="test", n=len(labels), **point, detail=detail))
@@ -280,7 +282,7 @@ def step_save_weights(s: CellState) -> Rows:
         from harness.checkpoints import save_checkpoint
 
         s.checkpoint = s.store.artifact_dir(s.cell.cell_id) / "model.pt"
-        save_checkpoint(s.checkpoint, s.model.cpu(), spec=s.spec.to_dict())
+        save_checkpoint(s.checkpoint, s.model.cpu(), spec=s.checkpoint_spec())
         s.model.to(s.device)
     s.weights = s.checkpoint
     return []
@@ -300,15 +302,14 @@ def stream_points(s: CellState) -> tuple[StreamPoint, ...]:
 
 def step_latency(s: CellState) -> Rows:
     """Latency in worker processes that rebuild the model from its spec and weights; a model that
-    cannot be rebuilt there (:func:`harness.api.in_process_reason`) is measured here, rows labelled."""
+    cannot be rebuilt there (:func:`harness.registry.in_process_reason`) is measured here, rows labelled."""
     from dataclasses import replace
 
-    from harness.api import in_process_reason, label_in_process
     from harness.metrics.latency import latency_rows, measure_latency
 
     settings = replace(s.suite.latency, device=s.device, policies=stream_points(s))
     inputs = _inputs(s.splits.test, max(settings.stream_samples, max(settings.batch_sizes)))
-    why = in_process_reason(s.spec)
+    why = in_process_reason(s.spec.name)
     if why:
         return label_in_process(measure_latency(s.model, inputs, settings, **s.fields), why)
     return latency_rows(s.spec, s.need("weights"), inputs, settings, **s.fields)
@@ -318,11 +319,10 @@ def step_memory(s: CellState) -> Rows:
     """Peak memory, isolated or (for a model that cannot be rebuilt) here, as :func:`step_latency`."""
     from dataclasses import replace
 
-    from harness.api import in_process_reason, label_in_process
     from harness.metrics.memory import measure_memory, memory_rows
 
     settings = replace(s.suite.memory, device=s.device, threads=s.suite.latency.threads)
-    why = in_process_reason(s.spec)
+    why = in_process_reason(s.spec.name)
     if why:
         return label_in_process(measure_memory(s.model, input_shape(s.splits), settings, **s.fields), why)
     return memory_rows(s.spec, s.need("weights"), input_shape(s.splits), settings, **s.fields)

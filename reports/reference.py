@@ -32,7 +32,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 1, "batch_size": 64, "optimizer": "s
                                   "weight_decay": 5e-4, "schedule": "cosine", "milestones": (), "gamma": 0.1,
                                   "warmup_epochs": 0.0, "max_steps_per_epoch": None, "precision": "fp32",
                                   "compile": False, "channels_last": False, "sync_batchnorm": False,
-                                  "device_batches": True}
+                                  "device_batches": True, "freeze": "none"}
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which harness.train.make_optimizer keeps
 
 

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
+from harness.cells import card_dict as _card_dict
 from harness.registry import list_models, model_card, recipe_text
-from harness.runner import _card_dict
 from harness.suites import load_suite
 from harness.train import TrainConfig
 from reports.reference import TRAIN_DEFAULTS, parse_recipe, recipe_differences, suite_recipe

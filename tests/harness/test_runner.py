@@ -93,6 +93,29 @@ def test_an_edited_suite_reruns_only_the_cells_whose_entry_changed(tmp_path):
     assert third.finished == ["noop__digits8__cpu", "linear__digits8__cpu"]  # a shared setting: every cell
 
 
+def test_editing_one_entry_then_running_another_with_models_keeps_the_unchanged_cell(tmp_path):
+    """Only linear's entry changed; ``--models resnet20`` (with_models) must not take resnet20's
+    unchanged cell for a changed one (the digests are looked up by label in the whole suite)."""
+    first = run_suite(suite([{"name": "linear", "train": {"epochs": 1}}, "resnet20"]), tmp_path)
+    assert first.finished == ["linear__digits8__cpu", "resnet20__digits8__cpu"]
+    kept = (tmp_path / "cells" / "resnet20__digits8__cpu.json").read_text()
+    edited = suite([{"name": "linear", "train": {"epochs": 2}}, "resnet20"]).with_models(["resnet20"])
+    second = run_suite(edited, tmp_path)
+    assert second.skipped == ["resnet20__digits8__cpu"] and not second.finished
+    assert (tmp_path / "cells" / "resnet20__digits8__cpu.json").read_text() == kept
+    assert not list((tmp_path / "stale").glob("*/resnet20__digits8__cpu.json"))
+
+
+def test_editing_an_entry_reruns_the_cells_built_on_its_weights(tmp_path):
+    base = [{"name": "resnet20", "label": "r20"},
+            {"name": "sdn:resnet20", "label": "s", "weights": "cell:r20", "train": {"freeze": "backbone"}}, "linear"]
+    run_suite(suite(base), tmp_path)
+    edited = [{"name": "resnet20", "label": "r20", "train": {"epochs": 2}}, *base[1:]]
+    second = run_suite(suite(edited), tmp_path)
+    assert sorted(second.finished) == ["r20__digits8__cpu", "s__digits8__cpu"]
+    assert second.skipped == ["linear__digits8__cpu"]
+
+
 def test_environment_and_schema_recorded(tmp_path):
     run_suite(suite(["noop"]), tmp_path)
     env = json.loads((tmp_path / "environment.json").read_text())

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from harness import steps
+from harness.cells import Cell
 from harness.data import DatasetConfig, load_dataset
 from harness.registry import ModelSpec
 from harness.results import RunStore
-from harness.runner import Cell
 from harness.steps import STEPS, CellState, check_step_order, plan_steps
 from harness.suites import parse_suite
 
