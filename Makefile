@@ -11,7 +11,7 @@ OUT ?= runs/$(SUITE)
 INSTALL_BROWSER ?= auto
 BROWSER_LOG ?= $(or $(TMPDIR),/tmp)/fractalbench-chromium-install.log
 
-.PHONY: setup browser run test bench smoke baseline clean
+.PHONY: setup browser run test bench smoke baseline train-baseline clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,9 +54,14 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# rewrite the CI gate's baseline of this CPU's vendor (benchmarks/baseline_smoke.json, or _AuthenticAMD) after an intended change
+# after an intended change: retrain the CI gate's checkpoints (benchmarks/gate_checkpoints) and rewrite its
+# baseline run (benchmarks/gate_baseline); the training check's baseline of this CPU's vendor
+# (benchmarks/baseline_smoke.json, or _AuthenticAMD) is rewritten by `make train-baseline`
 baseline: $(STAMP)
 	$(BIN)/python benchmarks/gate.py refresh
+
+train-baseline: $(STAMP)
+	$(BIN)/python benchmarks/gate.py train-refresh
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow benchmarks

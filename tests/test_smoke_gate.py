@@ -1,8 +1,10 @@
-"""The project's own CI gate (issue #7): the `smoke` suite, run in a subprocess with the gate's
-pinned environment (benchmarks/gate.py), compared with the baseline committed in
-benchmarks/baseline_smoke.json on its deterministic metrics (parameters, MACs/FLOPs, accuracy and
-exit fractions on the fixed seed). A changed MAC or parameter count, an accuracy drop beyond the
-threshold or a failed cell fails CI. Refresh after an intended change: `make baseline`.
+"""The project's CI gate (benchmarks/gate.py). The default check measures the committed trained
+checkpoints (benchmarks/gate_checkpoints/, the smoke suite's models trained on the digits) without
+training and compares the run with the committed baseline run (benchmarks/gate_baseline/: cells and
+per-sample outcomes): counts equal, accuracy rows paired (McNemar) and within the suite's points, exit
+histograms by chi-square. The training-reproducibility check (the smoke suite retrained with pinned
+kernels against benchmarks/baseline_smoke[_<vendor>].json) is slow and marked so. Refresh after an
+intended change: `python benchmarks/gate.py refresh` (and `make baseline` for the training check).
 """
 from __future__ import annotations
 
@@ -49,7 +51,76 @@ def test_committed_baseline_covers_every_smoke_model(vendor):
     assert {r["model"] for r in rows if r["metric"] == "policy_top1"} >= {"branchynet_resnet20_w8", "skipnet38"}
 
 
+def test_gate_suite_loads_every_smoke_model_from_a_committed_checkpoint():
+    suite = load_suite(str(gate.GATE_SUITE))
+    smoke = load_suite(gate.SUITE)
+    assert [m.display for m in suite.models] == [m.display for m in smoke.models]
+    assert suite.train is None  # measured, never trained
+    for entry in suite.models:
+        if entry.name == "noop":  # no parameters, no checkpoint
+            assert entry.weights is None
+            continue
+        assert (gate.HERE / entry.weights.source).is_file(), entry.display
+
+
+def test_committed_baseline_run_was_measured_from_the_committed_checkpoints():
+    """A checkpoint replaced without a refresh of the baseline is caught here (sha256 of each file)."""
+    import hashlib
+
+    for cell in sorted((gate.GATE_BASELINE / "cells").glob("*.json")):
+        record = json.loads(cell.read_text(encoding="utf-8"))
+        assert record["status"] == "ok", cell.name
+        weights = record["meta"].get("weights")
+        if weights is None:
+            assert record["meta"]["model"] == "noop"
+            continue
+        name = Path(weights["file"]).name
+        assert hashlib.sha256((gate.CHECKPOINTS / name).read_bytes()).hexdigest() == weights["sha256"], name
+        assert (gate.GATE_BASELINE / "outcomes" / f"{cell.stem}.npz").is_file()
+
+
+def test_gate_measures_the_checkpoints_and_matches_the_committed_baseline(tmp_path):
+    run = tmp_path / "gate"
+    gate.run_gate_suite(run)
+    trained = [r for r in json.loads((run / "results.json").read_text())["rows"] if r["metric"] == "train_seconds"]
+    assert not trained  # nothing was trained
+    result = gate.check_gate(run, tmp_path / "compare.md")
+    assert result.returncode == 0, (f"regression against {gate.GATE_BASELINE}:\n"
+                                    f"{result.stdout[-4000:]}{result.stderr[-2000:]}")
+    assert "no regressions" in result.stdout
+
+
+def test_gate_fails_on_changed_outcomes(tmp_path):
+    """The gate can fail: the baseline run with one model's test outcomes turned wrong (a third of
+    its right answers) is a regression, paired by McNemar."""
+    import shutil
+
+    import numpy as np
+
+    from harness.outcomes import CellOutcomes
+
+    changed = tmp_path / "changed"
+    shutil.copytree(gate.GATE_BASELINE, changed)
+    cell = "resnet20__digits16__cpu"
+    outcomes = CellOutcomes.load(changed / "outcomes" / f"{cell}.npz")
+    (key, entry), = [(k, o) for k, o in outcomes.entries.items() if o.metric == "top1"]
+    right = np.flatnonzero(entry.correct)[::3]
+    bits = entry.correct.copy()
+    bits[right] = False
+    outcomes.add("top1", bits, exit=entry.exit)
+    outcomes.save(changed / "outcomes" / f"{cell}.npz")
+    record = json.loads((changed / "cells" / f"{cell}.json").read_text())
+    for row in record["rows"]:
+        if row["metric"] == "top1":
+            row["value"] = 100.0 * bits.mean()
+    (changed / "cells" / f"{cell}.json").write_text(json.dumps(record))
+    result = gate.cli("compare", str(gate.GATE_BASELINE), str(changed), env=gate.MEASURE_ENV)
+    assert result.returncode == 1 and "top1" in result.stdout and "REGRESSION" in result.stdout
+
+
+@pytest.mark.slow
 def test_smoke_suite_matches_committed_baseline(tmp_path):
+    """Training reproducibility (slow): the smoke suite retrained with pinned kernels."""
     run = tmp_path / "smoke"
     gate.run_smoke(run)
     import pandas as pd

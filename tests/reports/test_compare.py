@@ -260,7 +260,9 @@ def test_example_ci_workflow_gates_on_the_compare_exit_code():
     flow = yaml.safe_load(path.read_text())
     steps = flow["jobs"]["accuracy-and-cost"]["steps"]
     compare_step = next(s for s in steps if s.get("id") == "compare")
-    assert "fractalbench compare benchmarks/baseline_smoke.json runs/smoke --markdown compare.md" in compare_step["run"]
+    assert "fractalbench compare benchmarks/gate_baseline runs/gate --markdown compare.md" in compare_step["run"]
+    measure = next(s for s in steps if "fractalbench run benchmarks/gate.yaml" in s.get("run", ""))
+    assert "Measure the trained checkpoint" in measure["name"]
     assert steps[-1]["if"] == "steps.compare.outputs.code != '0'" and "exit 1" in steps[-1]["run"]
     assert any("GITHUB_STEP_SUMMARY" in s.get("run", "") for s in steps)
 
