@@ -114,3 +114,57 @@ def test_the_engine_imports_no_baseline_and_no_report():
             if top == "reports" and path.name not in ("cli.py", "api.py"):
                 offenders.append(f"{path.name}: {module}")
     assert offenders == []
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """harness module -> the harness modules it imports (at any level: top or inside functions)."""
+    graph = {}
+    for path in sorted(HARNESS.rglob("*.py")):
+        name = "harness." + ".".join(path.relative_to(HARNESS).with_suffix("").parts)
+        graph[name.removesuffix(".__init__")] = {m for m in _imports(path) if m.startswith("harness.")}
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str, target: str) -> bool:
+    seen, todo = set(), list(graph.get(start, ()))
+    while todo:
+        module = todo.pop()
+        if module == target:
+            return True
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    return False
+
+
+@pytest.mark.parametrize("module", ["harness.runner", "harness.steps", "harness.api", "harness.executors",
+                                    "harness.cells"])
+def test_the_engine_has_no_import_circle_through_its_entry_modules(module):
+    """runner, steps, api, executors and cells import nothing that imports them back (function-level
+    imports included): the per-cell functions live in harness.cells, which runner and executors share."""
+    graph = _import_graph()
+    assert not _reaches(graph, module, module), f"{module} imports something that imports it back"
+
+
+def test_every_third_party_package_imported_is_declared_in_pyproject():
+    import importlib.metadata
+    import re
+    import sys
+    import tomllib
+
+    root = HARNESS.parent
+    declared = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    owners = importlib.metadata.packages_distributions()
+    ours = {"harness", "baselines", "reports", "suites", "tests"}
+    missing = set()
+    for folder in ("harness", "baselines", "reports"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for module in _imports(path):
+                top = module.split(".")[0]
+                if top in ours or top in sys.stdlib_module_names or top == "pytest":  # pytest: the plugin's
+                    continue
+                dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                if not dists & declared:
+                    missing.add(f"{top} ({', '.join(sorted(dists))}) in {path.relative_to(root)}")
+    assert not missing, sorted(missing)
