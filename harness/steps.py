@@ -252,7 +252,9 @@ def step_attribute_sweep(s: CellState) -> Rows:
     """A second training stage per value of a model attribute (e.g. SkipNet's hybrid RL stage over
     ``alpha``), each from the first stage's weights, each with its own checkpoint. Every value is
     one operating point (policy = the attribute, threshold = the value): the test accuracy of the
-    model's own decisions and its expected MACs (cost table x trace)."""
+    model's own decisions and its expected MACs (cost table x trace), with the same two on the
+    validation split in the row's detail (``validation_top1``, ``validation_expected_macs``), which
+    rank the values for a summary's chosen point without looking at test."""
     entry, table = s.cell.model, s.need("cost_table")
     sweep, cfg = entry.attribute_sweep, sweep_train_config(s.suite, entry, s.cell.train_seed(s.suite))
     for attr in (sweep.attribute, *sweep.set):
@@ -269,6 +271,9 @@ def step_attribute_sweep(s: CellState) -> Rows:
                                  checkpoint=s.store.artifact_dir(s.cell.cell_id) / name)
             detail["epochs"] = cfg.epochs
             rows.extend(_train_rows(s, result, cfg, **point))
+        val_logits, val_trace, val_labels = run_policy(model, s.splits.val, None, s.suite.eval_batch_size, s.device)
+        detail.update(validation_top1=topk_accuracy(val_logits, val_labels, 1),
+                      validation_expected_macs=expected_macs(val_trace, table).mean)
         logits, trace, labels = run_policy(model, s.splits.test, None, s.suite.eval_batch_size, s.device)
         top1 = s.keep("policy_top1", logits, labels, exit_index=trace.exit_index, **point)
         rows.append(s.row("policy_top1", top1, "%", split="test", n=len(labels), **point, detail=detail))

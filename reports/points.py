@@ -24,8 +24,9 @@ Definitions
   the near-frontier marks, the headline plots and the points tables use only these;
   :func:`grid_points` holds the rest.
 - Chosen point: per model, a policy point whose selection is "validation", or "learned" without a
-  threshold (a trained attribute value is one of several and nothing outside test ranks them). Of
-  several, the one most accurate on validation (``detail.validation_top1``; ties: the cheaper on
+  threshold, or a trained attribute value whose validation accuracy was recorded (SkipNet's alpha
+  points; older rows without it are one of several that nothing outside test ranks). Of several,
+  the one most accurate on validation (``detail.validation_top1``; ties: the cheaper on
   validation).
 - Cost at preserved accuracy (:func:`preserved_accuracy`): per dynamic model, the cheapest of its
   points chosen without test (selection "validation" or "learned") whose test top-1 is within
@@ -211,9 +212,12 @@ def _validation_rank(detail: Any, cost: float) -> tuple[float, float]:
 
 def is_chosen(policy: str, threshold: Any, detail: Any) -> bool:
     """Whether a policy point may be a model's chosen point (see the module docstring): selection
-    "validation", or "learned" without a threshold."""
+    "validation", or "learned" without a threshold, or "learned" with its validation accuracy
+    recorded (a trained attribute value, ranked on validation like the fitted points)."""
     selection = point_selection("policy", threshold, detail) if policy else "fixed"
-    return selection == "validation" or (selection == "learned" and none_if_nan(threshold) is None)
+    if selection == "validation" or (selection == "learned" and none_if_nan(threshold) is None):
+        return True
+    return selection == "learned" and detail_of(detail).get("validation_top1") is not None
 
 
 def chosen_points(frame: pd.DataFrame) -> pd.DataFrame:

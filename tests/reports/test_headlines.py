@@ -188,8 +188,9 @@ def test_selection_labels(planted):
     assert dict(zip(points["label"], points["selection"])) == {
         "branchynet": "validation", "fractalbrainnet": "fixed", "moe": "learned", "resnet20": "fixed",
         "skipnet": "learned"}
-    # an attribute-sweep value is a learned headline point, but not a chosen point (nothing outside test ranks it)
+    # an attribute-sweep value is a learned headline point; a chosen point only with its validation accuracy
     assert not is_chosen("alpha", 0.5, '{"fitted_on": "train"}') and is_chosen("gates", None, "")
+    assert is_chosen("alpha", 0.5, '{"fitted_on": "train", "validation_top1": 68.4}')
     assert is_chosen("confidence@budget0.5", None, '{"fitted_on": "validation"}')
     assert not is_chosen("confidence", 0.5, '{"fitted_on": "none (grid point)"}') and not is_chosen("", None, "")
 
@@ -214,3 +215,30 @@ def test_error_bars_are_the_points_intervals_in_their_models_colour(run_dir):
             assert rgb == pytest.approx(to_rgb(colors[label])) and width == 0.8
         budget = f.points.set_index("policy").loc["confidence@budget0.5"]
         assert (budget["ci_low"], budget["ci_high"]) == pytest.approx(accuracy_interval(88.0, 1000))
+
+
+def test_a_learned_attribute_point_with_the_best_validation_accuracy_is_the_chosen_point(tmp_path):
+    """SkipNet's case: a gate-threshold budget fit (validation 35 %) and learned alpha points; the
+    chosen point is the alpha point most accurate on validation, not the fit."""
+    store = RunStore(tmp_path)
+    store.write_meta("suite.json", {"name": "s", "path": "s.yaml", "digest": "d", "content": {"name": "s"}})
+    store.write_meta("environment.json", {"cpu": "Test CPU", "git_commit": "x"})
+    fields = {"run_id": "r", "suite": "s", "cell_id": "skipnet__c__cpu", "model": "skipnet", "variant": "skipnet38",
+              "dataset": "c", "device": "cpu", "seed": 0}
+    rows = [make_row("macs", 83e6, "MACs", exit=0, **fields), make_row("top1", 69.0, "%", exit=0, split="test",
+                                                                       n=1000, **fields)]
+    for policy, threshold, top1, macs, detail in (
+            ("decision_threshold@budget0.5", None, 35.46, 40e6,
+             {"fitted_on": "validation", "validation_top1": 35.1, "validation_expected_macs": 40e6}),
+            ("alpha", 1.5, 68.35, 80e6, {"fitted_on": "train", "validation_top1": 69.0,
+                                         "validation_expected_macs": 80e6}),
+            ("alpha", 4.0, 53.04, 8.7e6, {"fitted_on": "train", "validation_top1": 52.0,
+                                          "validation_expected_macs": 9e6})):
+        rows.append(make_row("policy_top1", top1, "%", policy=policy, threshold=threshold, split="test", n=1000,
+                             detail=detail, **fields))
+        rows.append(make_row("expected_macs", macs, "MACs", policy=policy, threshold=threshold, split="test",
+                             **fields))
+    card = {"paper": "x", "notes": "", **CARDS["skipnet"]}
+    store.write_cell(CellRecord("skipnet__c__cpu", "ok", rows, meta={"model": "skipnet38", "card": card}))
+    chosen = tables.chosen_points(frame_of(tmp_path))
+    assert list(chosen["policy"]) == ["alpha"] and chosen["accuracy"].item() == 68.35
