@@ -223,12 +223,31 @@ def section_seeds(ctx: ReportContext) -> Body | None:
     return Body([note, *ctx.table(table, "seeds")], rows_hint(table, "seed rows"))
 
 
+def _claims(ctx: ReportContext) -> list:
+    """The papers' headline claims beside the measured numbers (reports.claims)."""
+    from reports.claims import claims_table
+
+    table = claims_table(ctx.runs, ctx.frame)
+    if table.empty:
+        return []
+    return [Heading("Papers' claims beside the measured"),
+            *ctx.table(table.rename(columns={"label": "model"}), "claims"),
+            Note("Each claim from the model card's paper; 'measured': the cost at preserved accuracy of this run (the "
+                 "cheapest point fitted on validation or learned whose test top-1 is within the allowed loss of the "
+                 "full network: MACs avoided, or the batch-1 latency speed-up of its policy stream over the full "
+                 "path); 'holds' compares it with the published number. The papers' networks, data and recipes "
+                 "differ from the run's (see the recipes below).")]
+
+
 def section_reference(ctx: ReportContext) -> Body | None:
     table = tables.reference_table(ctx.runs, ctx.frame)
     if table.empty:
         return None
-    return Body([Note("From each model card (cell meta card.reference), beside the measured value where the key "
-                      "names a measured quantity: params, macs/flops (last exit, per image), macs_<size> only at "
+    claims = _claims(ctx)
+    if claims:
+        claims.append(Heading("Published numbers beside the measured"))
+    return Body([*claims, Note("From each model card (cell meta card.reference), beside the measured value where the "
+                      "key names a measured quantity: params, macs/flops (last exit, per image), macs_<size> only at "
                       "that input size, top1 (last exit; top1_<dataset> only when measured on that dataset). MACs "
                       "measured at another input size than the paper's (see 'measured at') are not expected to "
                       "match. A model whose card has no published CIFAR accuracy gets one top1 row that says so. "
