@@ -354,6 +354,13 @@ def section_suite(ctx: ReportContext) -> Body:
                                "suite digest": suite.get("digest", ""),
                                "cells": f"{ok} ok, {len(run.cells) - ok} failed",
                                "cells ran on": machines_of(run.cells)})]
+        weights = weights_table(run)
+        if not weights.empty:
+            blocks += [Heading("Trained weights the cells started from"), *ctx.table(weights, f"weights_{run.name}"),
+                       Note("Each cell's meta.weights: where the weights came from (a file, an https URL checked "
+                            "against its sha256, another cell of the run, or timm's pretrained), what they were "
+                            "loaded into (the whole model, or the dense backbone a dynamic model is built on), and "
+                            "the normalisation the cell's data then used.")]
         if content:
             blocks.append(Details("suite content", [Pre(json.dumps(content, indent=1, default=str))]))
         if env:
@@ -363,6 +370,25 @@ def section_suite(ctx: ReportContext) -> Body:
         else:
             blocks.append(Note("No environment.json in this run."))
     return Body(blocks)
+
+
+def weights_table(run: RunData) -> pd.DataFrame:
+    """One row per cell of ``run`` that started from trained weights (its ``meta.weights``)."""
+    records = []
+    for cell in run.cells:
+        weights = (cell.meta or {}).get("weights")
+        if not weights:
+            continue
+        model = next((r.get("model") for r in cell.rows if r.get("model")), (cell.meta or {}).get("model", "?"))
+        norm = weights.get("normalisation") or {}
+        records.append({"model": model, "source": weights.get("source", ""),
+                        "sha256": str(weights.get("sha256", ""))[:16], "obtained": weights.get("obtained", ""),
+                        "adapters": ", ".join(weights.get("adapters") or []) or "none",
+                        "loaded into": weights.get("loaded_into", ""),
+                        "normalisation": (f"mean {norm.get('mean')}, std {norm.get('std')} ({norm.get('declared_by')})"
+                                          if norm else "the training split's (the weights declare none)")})
+    return pd.DataFrame(records, columns=["model", "source", "sha256", "obtained", "adapters", "loaded into",
+                                          "normalisation"])
 
 
 def machines_of(cells: Sequence[Any]) -> str:

@@ -225,6 +225,10 @@ def test_suite_weights_relative_to_the_suite_file_and_stored_with_the_cell(tmp_p
     assert meta["weights"]["sha256"] == hashlib.sha256((tmp_path / "w" / "mine.pt").read_bytes()).hexdigest()
     assert meta["weights"]["normalisation"] is None and meta["weights"]["loaded_into"] == "model"
     assert len(record[record.metric == "top1"]) == 1
+    from reports.html import write_report
+
+    html = write_report(tmp_path / "run").read_text()
+    assert "Trained weights the cells started from" in html and meta["weights"]["sha256"][:16] in html
 
 
 def test_cli_run_with_a_wrong_hash_or_another_architecture_is_one_line_and_exit_2(trained20, tmp_path, capsys):
