@@ -425,34 +425,20 @@ def _card(depth: int) -> ModelCard:
     )
 
 
-@register_model(card=_card(38))
-def skipnet38(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
+def _register(depth: int) -> None:
+    """Register ``skipnet<depth>``: SkipNet on ResNet-<depth>, with the builder options of :class:`SkipNet`."""
+
+    def build(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
               rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
               gating: str = "official") -> SkipNet:
-    return SkipNet(38, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
+        return SkipNet(depth, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
+                       training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
+
+    build.__name__ = build.__qualname__ = f"skipnet{depth}"
+    build.__doc__ = f"SkipNet on ResNet-{depth}" + (
+        "" if depth in SKIPNET_RELEASED else " (no released SkipNet checkpoint; trained ResNet weights load into it)")
+    register_model(card=_card(depth))(build)
 
 
-@register_model(card=_card(56))
-def skipnet56(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
-              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
-              gating: str = "official") -> SkipNet:
-    """SkipNet on ResNet-56 (no released SkipNet checkpoint; the trained ResNet-56 weights load into it)."""
-    return SkipNet(56, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
-
-
-@register_model(card=_card(74))
-def skipnet74(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
-              rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
-              gating: str = "official") -> SkipNet:
-    return SkipNet(74, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
-
-
-@register_model(card=_card(110))
-def skipnet110(*, num_classes: int = 10, in_chans: int = 3, gate_type: str = "rnn", alpha: float = 0.1,
-               rl_weight: float = 1.0, training_stage: str = "supervised", zero_init_residual: bool = True,
-               gating: str = "official") -> SkipNet:
-    return SkipNet(110, num_classes, in_chans, gate_type=gate_type, alpha=alpha, rl_weight=rl_weight,
-                   training_stage=training_stage, zero_init_residual=zero_init_residual, gating=gating)
+for _depth in (38, 56, 74, 110):  # the paper's three CIFAR depths, and 56 for the public ResNet-56 weights
+    _register(_depth)
