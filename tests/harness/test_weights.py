@@ -185,6 +185,55 @@ def test_a_url_is_downloaded_once_into_the_cache_and_checked(trained20, loopback
         resolve(WeightsConfig("http://example.org/resnet20-12fca82f.th"))
 
 
+@pytest.fixture
+def https_loopback(tmp_path, monkeypatch):
+    """An HTTPS server on the loopback (a self-signed certificate for 127.0.0.1, made with openssl and
+    trusted through SSL_CERT_FILE) serving ``tmp_path/www``; yields (base URL, folder)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate for the loopback HTTPS server")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    www = tmp_path / "www"
+    www.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", www
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_suite_entry_with_an_https_url_gives_what_the_file_gives(trained20, https_loopback, tmp_path, monkeypatch):
+    """The same weights as a file and as an https URL (downloaded into the cache, hash-checked by the
+    prefix in the name): the same test outcomes."""
+    _, path = trained20
+    base, www = https_loopback
+    (www / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setenv("FRACTALBENCH_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "img", size=32, classes=tuple(f"c{i}" for i in range(10)))
+    results = {}
+    for how, source in (("file", str(path)), ("url", f"{base}/{path.name}")):
+        suite = {"name": how, "datasets": [{"name": "imagefolder", "root": str(tmp_path / "img"),
+                                            "val_fraction": 0.2}],
+                 "models": [{"name": "resnet20", "weights": source}], "metrics": ["accuracy"]}
+        run_suite(parse_suite(suite), tmp_path / how)
+        (cell,) = (tmp_path / how / "cells").glob("*.json")
+        meta = yaml.safe_load(cell.read_text())["meta"]
+        results[how] = (load_run(tmp_path / how).query("metric == 'top1'").value.item(), meta["weights"]["sha256"])
+    assert results["url"] == results["file"]
+    assert (tmp_path / "cache" / "weights" / path.name).is_file()
+
+
 def test_a_url_whose_file_differs_from_its_hash_is_refused_and_not_kept(trained20, loopback, tmp_path, monkeypatch):
     _, path = trained20
     base, www = loopback
