@@ -6,7 +6,8 @@ points; SkipNet: 30-90 % less computation at preserved accuracy). The measured s
 cost at preserved accuracy (:func:`reports.points.preserved_accuracy`): the cheapest point chosen
 without test (fitted on validation, or learned) whose test top-1 is within the claim's accuracy
 loss of the full network, and the MACs it avoids or its batch-1 speed-up. ``holds`` says whether
-the measured number reaches the published one (empty when nothing was measured).
+the measured number reaches the published one ("no: no point within the allowed loss" when every
+fitted point loses more; empty when the model has no cost rows).
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def claims_table(runs: Sequence[RunData], frame: pd.DataFrame) -> pd.DataFrame:
                     "device": meta.get("device", ""),
                     "claim": claim.words.format(v=published), "published": published,
                     "allowed loss (points)": claim.points, "measured as": claim.measured_by, "measured": measured,
-                    "holds": "" if measured is None else "yes" if measured >= published else "no",
+                    "holds": ("" if row is None else "no: no point within the allowed loss") if measured is None
+                    else "yes" if measured >= published else "no",
                     "point": "" if row is None or pd.isna(row["point"]) else row["point"],
                     "full top1 %": None if row is None else row["full top1 %"],
                     "its top1 %": None if row is None or pd.isna(row["its top1 %"]) else row["its top1 %"]})
