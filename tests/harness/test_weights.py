@@ -150,17 +150,23 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def _serve(www, context=None):
+    """Serve folder ``www`` on the loopback (over TLS with ``context``); yields (base URL, folder)."""
+    www.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"{'https' if context else 'http'}://127.0.0.1:{server.server_address[1]}", www
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture
 def loopback(tmp_path):
     """An HTTP server on the loopback serving ``tmp_path/www``; yields (base URL, folder)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", www
-    server.shutdown()
-    server.server_close()
+    yield from _serve(tmp_path / "www")
 
 
 def test_a_url_is_downloaded_once_into_the_cache_and_checked(trained20, loopback, tmp_path, monkeypatch):
@@ -200,17 +206,9 @@ def https_loopback(tmp_path, monkeypatch):
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    www = tmp_path / "www"
-    www.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}", www
-    server.shutdown()
-    server.server_close()
+    yield from _serve(tmp_path / "www", context)
 
 
 def test_a_suite_entry_with_an_https_url_gives_what_the_file_gives(trained20, https_loopback, tmp_path, monkeypatch):
