@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness.runner import run_suite  # noqa: E402
-from harness.suites import load_suite, parse_suite  # noqa: E402
+from fractalbench.harness.runner import run_suite  # noqa: E402
+from fractalbench.harness.suites import load_suite, parse_suite  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "data" / "weights" / "resnet56-4bfd9763.th"
 

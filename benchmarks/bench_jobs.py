@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_jobs.py --jobs 2 --cells 4 --epochs 2
 
 Each cell is one seed of ResNet-20 (``seeds: [0..cells-1]``), trained and measured with one torch
-thread (``OMP_NUM_THREADS=1``, so the rule of harness.executors also gives each of the N cell
+thread (``OMP_NUM_THREADS=1``, so the rule of fractalbench.harness.executors also gives each of the N cell
 processes one thread). Both runs are ``fractalbench run`` in a fresh process into fresh run
 directories; the script prints each wall time (and the CPU time of the run and its cell processes:
 each cell process pays ~3 CPU s of start-up), their ratio, the 1-minute load average before and
@@ -41,7 +41,7 @@ def timed_run(suite: Path, out: Path, jobs: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of it and its cell processes) of one ``fractalbench run SUITE --jobs
     JOBS`` (a fresh process, one thread per cell)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    command = [sys.executable, "-m", "harness.cli", "run", str(suite), "--out", str(out), "--jobs", str(jobs),
+    command = [sys.executable, "-m", "fractalbench", "run", str(suite), "--out", str(out), "--jobs", str(jobs),
                "--no-report", "--no-progress"]
     cpu = _children_cpu()
     started = time.perf_counter()
@@ -59,7 +59,7 @@ def _children_cpu() -> float:
 
 
 def top1(out: Path) -> dict[str, float]:
-    from harness.results import load_run
+    from fractalbench.harness.results import load_run
 
     frame = load_run(out)
     return {r.cell_id: r.value for r in frame[frame.metric == "top1"].itertuples()}

@@ -2,7 +2,7 @@
 model's own recipe (the suite's training settings with the entry's overrides, attribute-sweep
 stages included), extrapolated to the recipe's steps.
 
-Each model is built as the runner builds it and trained by ``harness.train.train_model`` with its
+Each model is built as the runner builds it and trained by ``fractalbench.harness.train.train_model`` with its
 suite settings (optimizer, precision, compile, batch size) on in-memory uint8 images of the
 dataset's shape (random pixels: the cost does not depend on them). One untimed slice first
 (compilation, allocator, kernel selection), then ``--steps`` timed steps; the estimate is
@@ -29,11 +29,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from harness._images import UInt8Images  # noqa: E402
-from harness.data import Augmented, RandomCropFlip  # noqa: E402
-from harness.registry import ModelSpec  # noqa: E402
-from harness.suites import load_suite, sweep_train_config, train_config_for  # noqa: E402
-from harness.train import TrainConfig, train_model  # noqa: E402
+from fractalbench.harness._images import UInt8Images  # noqa: E402
+from fractalbench.harness.data import Augmented, RandomCropFlip  # noqa: E402
+from fractalbench.harness.registry import ModelSpec  # noqa: E402
+from fractalbench.harness.suites import load_suite, sweep_train_config, train_config_for  # noqa: E402
+from fractalbench.harness.train import TrainConfig, train_model  # noqa: E402
 
 
 def images(n: int, classes: int = 10, side: int = 32) -> Augmented:

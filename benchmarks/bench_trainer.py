@@ -4,7 +4,7 @@ Both train the same model (default resnet20, batch 128, SGD with momentum, bf16 
 on the same in-memory uint8 images (CIFAR-10 shaped, 3x32x32; random pixels, the cost does not
 depend on them):
 
-- trainer: ``harness.train.train_model`` for one epoch of ``--steps`` steps: batches gathered,
+- trainer: ``fractalbench.harness.train.train_model`` for one epoch of ``--steps`` steps: batches gathered,
   normalised and augmented (random crop and flip per sample) on the device, loss terms summed on
   the device, the scheduler stepped, the finiteness check every 25 steps;
 - bare: ``for x, y in batches: loss = cross_entropy(model(x), y); zero_grad; backward; step`` on
@@ -31,10 +31,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness._images import UInt8Images  # noqa: E402
-from harness.data import Augmented, RandomCropFlip  # noqa: E402
-from harness.registry import create_model  # noqa: E402
-from harness.train import TrainConfig, train_model  # noqa: E402
+from fractalbench.harness._images import UInt8Images  # noqa: E402
+from fractalbench.harness.data import Augmented, RandomCropFlip  # noqa: E402
+from fractalbench.harness.registry import create_model  # noqa: E402
+from fractalbench.harness.train import TrainConfig, train_model  # noqa: E402
 
 
 def dataset(n: int) -> UInt8Images:

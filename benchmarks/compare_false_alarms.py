@@ -1,7 +1,7 @@
 """How often `compare` calls an accuracy REGRESSION between runs of the same build (false alarms).
 
 Runs one small suite (16x16 digits, one model, metrics accuracy + sweep) with 21 suite seeds,
-compares seed 0 with each of the 20 others with :func:`reports.compare.compare` and prints how many
+compares seed 0 with each of the 20 others with :func:`fractalbench.reports.compare.compare` and prints how many
 of the 20 comparisons had any accuracy REGRESSION (the false-alarm rate: the seeds change the
 initialisation and the batch order, nothing else; the test samples are the same, so every accuracy
 row is compared by McNemar's exact test), and how many accuracy rows each comparison tested (the
@@ -28,11 +28,11 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from harness.outcomes import CellOutcomes, outcomes_path  # noqa: E402
-from harness.results import CellRecord, RunStore, make_row  # noqa: E402
-from harness.runner import run_suite  # noqa: E402
-from harness.suites import parse_suite  # noqa: E402
-from reports.compare import ACCURACY_METRICS, REGRESSION, compare  # noqa: E402
+from fractalbench.harness.outcomes import CellOutcomes, outcomes_path  # noqa: E402
+from fractalbench.harness.results import CellRecord, RunStore, make_row  # noqa: E402
+from fractalbench.harness.runner import run_suite  # noqa: E402
+from fractalbench.harness.suites import parse_suite  # noqa: E402
+from fractalbench.reports.compare import ACCURACY_METRICS, REGRESSION, compare  # noqa: E402
 
 
 def seed_suite(seed: int, model: str, epochs: int):

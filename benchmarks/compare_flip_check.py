@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from harness.outcomes import CellOutcomes, load_run_outcomes, outcomes_path  # noqa: E402
-from reports.compare import ACCURACY_METRICS, REGRESSION, compare  # noqa: E402
+from fractalbench.harness.outcomes import CellOutcomes, load_run_outcomes, outcomes_path  # noqa: E402
+from fractalbench.reports.compare import ACCURACY_METRICS, REGRESSION, compare  # noqa: E402
 
 
 def copy_run(src: Path, dest: Path) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.environment import cpuinfo_value
+from fractalbench.harness.environment import cpuinfo_value
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks"
@@ -70,7 +70,7 @@ MEASURE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def cli(*args: str, timeout: int = 1800, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``fractalbench ARGS`` in a subprocess with the training check's pinned environment (or ``env``)."""
     full = {**os.environ, **(GATE_ENV if env is None else env)}
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=full, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fractalbench", *args], cwd=ROOT, env=full, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -98,7 +98,7 @@ def check_gate(run: Path, markdown: Path | None = None) -> subprocess.CompletedP
 
 def gate_suite_from_smoke() -> dict:
     """The gate suite: the smoke suite's models, each loading its committed checkpoint, measured untrained."""
-    from harness.suites import load_suite
+    from fractalbench.harness.suites import load_suite
 
     smoke = load_suite(SUITE)
     raw = dict(smoke.raw)
@@ -121,7 +121,7 @@ def refresh_gate() -> None:
     write the gate suite and measure it into the committed baseline run."""
     import torch
 
-    from harness.checkpoints import CHECKPOINT_FORMAT
+    from fractalbench.harness.checkpoints import CHECKPOINT_FORMAT
 
     with tempfile.TemporaryDirectory(prefix="fractalbench-gate-") as tmp:
         trained = Path(tmp) / SUITE
@@ -159,7 +159,7 @@ def _finished_export(done: subprocess.CompletedProcess) -> None:
 def count_flips(first: Path, second: Path) -> dict[str, int]:
     """Per cell: how many (accuracy row, test sample) outcomes differ between two runs of the gate
     suite, right/wrong or (for an operating point) the exit taken."""
-    from harness.outcomes import load_run_outcomes
+    from fractalbench.harness.outcomes import load_run_outcomes
 
     a, b = load_run_outcomes(first), load_run_outcomes(second)
     flips = {}

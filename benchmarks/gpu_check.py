@@ -33,9 +33,9 @@ import torch  # noqa: E402
 def latency_check(device: str) -> None:
     from torch.utils.benchmark import Timer
 
-    from harness.metrics.latency import measure_latency
-    from harness.metrics.settings import LatencySettings
-    from harness.registry import create_model
+    from fractalbench.harness.metrics.latency import measure_latency
+    from fractalbench.harness.metrics.settings import LatencySettings
+    from fractalbench.harness.registry import create_model
 
     x = torch.randn(8, 3, 32, 32)
     for name in ("resnet20", "resnet56"):
@@ -54,9 +54,9 @@ def latency_check(device: str) -> None:
 
 
 def memory_check(device: str) -> None:
-    from harness.metrics.memory import measure_memory
-    from harness.metrics.settings import MemorySettings
-    from harness.registry import create_model
+    from fractalbench.harness.metrics.memory import measure_memory
+    from fractalbench.harness.metrics.settings import MemorySettings
+    from fractalbench.harness.registry import create_model
 
     model = create_model("resnet56", num_classes=10).eval().to(device)
     settings = MemorySettings(device=device, batch_size=64, isolate=False, per_exit=False)
@@ -75,12 +75,12 @@ def memory_check(device: str) -> None:
 
 
 def early_exit_check(device: str) -> None:
-    from harness import contract
-    from harness.metrics.flops import build_cost_table, expected_macs
-    from harness.metrics.latency import measure_latency
-    from harness.metrics.settings import LatencySettings, StreamPoint
-    from harness.policies import make_policy
-    from harness.registry import create_model
+    from fractalbench.harness import contract
+    from fractalbench.harness.metrics.flops import build_cost_table, expected_macs
+    from fractalbench.harness.metrics.latency import measure_latency
+    from fractalbench.harness.metrics.settings import LatencySettings, StreamPoint
+    from fractalbench.harness.policies import make_policy
+    from fractalbench.harness.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("branchynet_resnet20", num_classes=10).eval().to(device)
@@ -110,8 +110,8 @@ def trainer_check(device: str) -> None:
 
 
 def cifar_cell(device: str, data_root: str | None) -> None:
-    from harness.runner import run_suite
-    from harness.suites import parse_suite
+    from fractalbench.harness.runner import run_suite
+    from fractalbench.harness.suites import parse_suite
 
     dataset = ({"name": "cifar10", "root": data_root, "val_fraction": 0.1} if data_root else
                {"name": "synthetic", "image_size": 32, "num_classes": 10, "in_chans": 3, "num_samples": 6000})
@@ -121,7 +121,7 @@ def cifar_cell(device: str, data_root: str | None) -> None:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         summary = run_suite(parse_suite(raw, "gpu_check"), Path(out))
-        from harness.results import load_run
+        from fractalbench.harness.results import load_run
 
         frame = load_run(out)
     top1 = frame[frame.metric == "top1"].value.tolist()

@@ -7,7 +7,7 @@ the 110-layer network takes minutes on 2 CPU cores): they come from a fixed seed
 BatchNorm running statistics are estimated on training images (forward passes, no gradient
 steps), so that every exit gives finite, spread-out entropies instead of exploding activations.
 The entropy thresholds are chosen on the VALIDATION split with
-``harness.calibration.thresholds_for_fractions`` so that 75% / 12.5% / 12.5% of the validation
+``fractalbench.harness.calibration.thresholds_for_fractions`` so that 75% / 12.5% / 12.5% of the validation
 samples leave at exits 0 / 1 / 2; the test split is only evaluated. Latency and MACs depend on
 which path each sample takes, not on whether its prediction is right, so accuracy is not a target.
 
@@ -37,15 +37,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import calibration, contract  # noqa: E402
-from harness.checkpoints import save_checkpoint  # noqa: E402
-from harness.data import DatasetConfig, load_dataset  # noqa: E402
-from harness.evaluate import collect_exit_logits, run_policy, topk_accuracy  # noqa: E402
-from harness.metrics.flops import build_cost_table, expected_macs  # noqa: E402
-from harness.metrics.latency import LatencySettings, latency_rows  # noqa: E402
-from harness.policies import make_policy  # noqa: E402
-from harness.registry import ModelSpec  # noqa: E402
-from harness.train import seed_everything  # noqa: E402
+from fractalbench.harness import calibration, contract  # noqa: E402
+from fractalbench.harness.checkpoints import save_checkpoint  # noqa: E402
+from fractalbench.harness.data import DatasetConfig, load_dataset  # noqa: E402
+from fractalbench.harness.evaluate import collect_exit_logits, run_policy, topk_accuracy  # noqa: E402
+from fractalbench.harness.metrics.flops import build_cost_table, expected_macs  # noqa: E402
+from fractalbench.harness.metrics.latency import LatencySettings, latency_rows  # noqa: E402
+from fractalbench.harness.policies import make_policy  # noqa: E402
+from fractalbench.harness.registry import ModelSpec  # noqa: E402
+from fractalbench.harness.train import seed_everything  # noqa: E402
 
 MODEL = "branchynet_resnet110"
 DATASET = DatasetConfig("digits", image_size=32)

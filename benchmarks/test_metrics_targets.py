@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.metrics import LatencySettings, MemorySettings, latency_rows, memory_rows, overhead_rows  # noqa: E402
-from harness.registry import ModelSpec  # noqa: E402
+from fractalbench.harness.metrics import LatencySettings, MemorySettings, latency_rows, memory_rows, overhead_rows  # noqa: E402
+from fractalbench.harness.registry import ModelSpec  # noqa: E402
 
 LATENCY_TOLERANCE = 0.05
 OVERHEAD_LIMIT_US = 50.0

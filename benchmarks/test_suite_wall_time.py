@@ -16,7 +16,7 @@ TARGET_SECONDS = {"smoke": 180.0, "default": 600.0}
 
 def time_suite(suite: str, out: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", suite, "--out", str(out), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "fractalbench", "run", suite, "--out", str(out), "--no-progress"],
                           cwd=REPO, capture_output=True, text=True)
     took = time.perf_counter() - start
     if proc.returncode != 0:

@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness._sweep import check_real_path, simulated_logits  # noqa: E402
-from harness.data import DatasetConfig, DatasetError, load_dataset  # noqa: E402
-from harness.evaluate import collect_exit_logits, run_policy  # noqa: E402
-from harness.policies import make_policy  # noqa: E402
-from harness.registry import create_model  # noqa: E402
+from fractalbench.harness._sweep import check_real_path, simulated_logits  # noqa: E402
+from fractalbench.harness.data import DatasetConfig, DatasetError, load_dataset  # noqa: E402
+from fractalbench.harness.evaluate import collect_exit_logits, run_policy  # noqa: E402
+from fractalbench.harness.policies import make_policy  # noqa: E402
+from fractalbench.harness.registry import create_model  # noqa: E402
 
 POINTS = 20
 CHECK_SAMPLES = 128

@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-Tiny models written directly against ``harness.contract`` (no baseline file needed), so that the
+Tiny models written directly against ``fractalbench.harness.contract`` (no baseline file needed), so that the
 measurement machinery is tested on every dynamic kind. Input: [N, 2, 4, 4]. MACs by hand:
 
 - TwoExitNet: stage0 conv 2->3 (3x3, pad 1) 2*3*9*16 = 864, head0 linear 3->4 = 12;
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
-from harness.policies import default_policy
+from fractalbench.harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
+from fractalbench.harness.policies import default_policy
 
 
 def _pool(h: Tensor) -> Tensor:
@@ -207,7 +207,7 @@ TINY_MODELS = {"tiny_two_exit": TwoExitNet, "tiny_gated": GatedNet, "tiny_routed
 
 def register_tiny_models() -> None:
     """Register the tiny models (idempotent) so ModelSpec can rebuild them, also in a worker."""
-    from harness.registry import ModelCard, list_models, register_model
+    from fractalbench.harness.registry import ModelCard, list_models, register_model
 
     known = set(list_models())
     for name, cls in TINY_MODELS.items():
@@ -237,7 +237,7 @@ def tiny_registry(tmp_path):
     registers them in a measurement worker (``LatencySettings(plugins=(...,))``)."""
     from types import SimpleNamespace
 
-    from harness.registry import unregister_model
+    from fractalbench.harness.registry import unregister_model
 
     plugin = tmp_path / "tiny_models_plugin.py"
     plugin.write_text(f"import runpy\nrunpy.run_path({__file__!r})['register_tiny_models']()\n", encoding="utf-8")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.policies import ConfidencePolicy, EntropyPolicy, softmax_entropy
+from fractalbench.harness.policies import ConfidencePolicy, EntropyPolicy, softmax_entropy
 
 
 def counted_macs(fn, *args, **kwargs) -> int:

@@ -47,20 +47,50 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_wheel_imports_from_its_install_location(installed: tuple[Path, dict[str, str]]) -> None:
     work, env = installed
-    code = "import harness, reports, suites; print(harness.__file__); print(reports.__file__)"
+    code = ("import fractalbench, fractalbench.harness as h, fractalbench.reports as r, fractalbench.suites as s; "
+            "print(fractalbench.__file__); print(h.__file__); print(r.__file__); print(s.__file__)")
     done = _run([sys.executable, "-c", code], work, env)
     assert done.returncode == 0, done.stderr
     assert all(line.startswith(env["PYTHONPATH"]) for line in done.stdout.split()), done.stdout
+    # one namespace: the wheel installs no top-level harness/baselines/reports/suites to collide with
+    top = sorted(p.name for p in Path(env["PYTHONPATH"]).iterdir() if p.name != "bin" and ".dist-info" not in p.name)
+    assert top == ["fractalbench"]
+
+
+SHADOWED = """\
+from fractalbench import benchmark
+
+frame = benchmark("branchynet_resnet20", {"name": "digits", "image_size": 8}, ["accuracy"],
+                  train={"epochs": 1, "batch_size": 64}, out="run", report=True, as_frame=True)
+print("top1 rows:", int((frame["metric"] == "top1").sum()))
+"""
+
+
+def test_a_users_baselines_and_reports_folders_do_not_shadow_fractalbench(
+        installed: tuple[Path, dict[str, str]]) -> None:
+    """The finding: from a folder holding a `baselines/` directory, "unknown model
+    'branchynet_resnet20'"; with a `reports/` directory, report=True broke. Both folders (packages,
+    even) beside the script now change nothing."""
+    work, env = installed
+    project = work / "project"
+    for name in ("baselines", "reports", "harness", "suites"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").write_text("raise ImportError('the user\\'s own package was imported')\n")
+    (project / "script.py").write_text(SHADOWED, encoding="utf-8")
+    done = _run([sys.executable, "script.py"], project, env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "top1 rows: 3" in done.stdout
+    assert (project / "run" / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_installed_wheel_lists_suites_and_runs_one(installed: tuple[Path, dict[str, str]]) -> None:
     work, env = installed
-    listed = _run([sys.executable, "-m", "harness.cli", "list", "suites"], work, env)
+    listed = _run([sys.executable, "-m", "fractalbench", "list", "suites"], work, env)
     assert listed.returncode == 0, listed.stderr
     for name in ("smoke", "default", "paper", "cost"):
         assert name in listed.stdout
     (work / "installed.yaml").write_text(SUITE, encoding="utf-8")
-    run = _run([sys.executable, "-m", "harness.cli", "run", "installed.yaml", "--out", "run", "--no-progress"],
+    run = _run([sys.executable, "-m", "fractalbench", "run", "installed.yaml", "--out", "run", "--no-progress"],
                work, env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "1 cell(s) finished" in run.stdout and "0 failed" in run.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.suites import load_suite
+from fractalbench.harness.suites import load_suite
 
 
 def _load_gate():
@@ -97,7 +97,7 @@ def test_gate_fails_on_changed_outcomes(tmp_path):
 
     import numpy as np
 
-    from harness.outcomes import CellOutcomes
+    from fractalbench.harness.outcomes import CellOutcomes
 
     changed = tmp_path / "changed"
     shutil.copytree(gate.GATE_BASELINE, changed)
@@ -125,7 +125,7 @@ def test_smoke_suite_matches_committed_baseline(tmp_path):
     gate.run_smoke(run)
     import pandas as pd
 
-    from harness.catalogue import check_metric
+    from fractalbench.harness.catalogue import check_metric
 
     written = pd.read_csv(run / "results.csv")[["metric", "unit"]].fillna("").drop_duplicates()
     for metric, unit in written.itertuples(index=False):

@@ -7,11 +7,11 @@ from model_helpers import counted_macs, median_policy, unit_table, warm_batchnor
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.branchynet import BranchyResNet
-from baselines.resnet import CifarResNet
-from harness.contract import executed_macs
-from harness.policies import EntropyPolicy, PatiencePolicy
-from harness.registry import create_model, model_card
+from fractalbench.baselines.branchynet import BranchyResNet
+from fractalbench.baselines.resnet import CifarResNet
+from fractalbench.harness.contract import executed_macs
+from fractalbench.harness.policies import EntropyPolicy, PatiencePolicy
+from fractalbench.harness.registry import create_model, model_card
 
 # ResNet-(6n+2) exact counts (tests/baselines/test_resnet.py) plus the two branches:
 # branch 1 (after the stem): conv 16->32 (4,608) + BN (64) + conv 32->32 (9,216) + BN (64) + FC 32->10 (330) = 14,282

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import baselines.fractalbrainnet as fb
-from baselines.fractalbrainnet import (
+import fractalbench.baselines.fractalbrainnet as fb
+from fractalbench.baselines.fractalbrainnet import (
     CerebralDynamicsModule,
     FractalBrainNet,
     FractalBrainNetEE,
@@ -22,11 +22,11 @@ from baselines.fractalbrainnet import (
     create_fractal_brain_net,
     pattern_images,
 )
-from baselines.fractalbrainnet import FractalPatternGenerator as G
-from harness import contract
-from harness.metrics.flops import ZERO_MAC_OPS, count_macs
-from harness.policies import ConfidencePolicy
-from harness.registry import create_model, list_models, model_card
+from fractalbench.baselines.fractalbrainnet import FractalPatternGenerator as G
+from fractalbench.harness import contract
+from fractalbench.harness.metrics.flops import ZERO_MAC_OPS, count_macs
+from fractalbench.harness.policies import ConfidencePolicy
+from fractalbench.harness.registry import create_model, list_models, model_card
 
 SIZES = ("small", "medium", "large", "xlarge")
 ALL_NAMES = [f"fractalbrainnet_{s}" for s in SIZES] + ["fractalbrainnet_small_ee", "fractalbrainnet_medium_ee"]

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import baselines._fractal_blocks as _fractal_blocks
-import baselines.fractalbrainnet as fb
-from baselines.fractalbrainnet import (
+import fractalbench.baselines._fractal_blocks as _fractal_blocks
+import fractalbench.baselines.fractalbrainnet as fb
+from fractalbench.baselines.fractalbrainnet import (
     CerebralDynamicsModule,
     FractalMaskCache,
     FractalNeuralBlock,
@@ -20,7 +20,7 @@ from baselines.fractalbrainnet import (
     GlobalAttention,
     resize_bilinear,
 )
-from baselines.fractalbrainnet import FractalPatternGenerator as G
+from fractalbench.baselines.fractalbrainnet import FractalPatternGenerator as G
 
 # ----- patterns -----------------------------------------------------------------------------------
 
@@ -214,7 +214,7 @@ def test_a_dropped_branch_leaves_the_other_alone(monkeypatch):
     torch.manual_seed(0)
     block = FractalNeuralBlock(2, 4, 8, FractalMaskCache(np.full((4, 4), 0.5)), drop_path_prob=0.3).train()
     forced = torch.tensor([[True, False], [False, True], [True, True]])
-    # the blocks live in baselines/_fractal_blocks.py (re-exported by baselines.fractalbrainnet)
+    # the blocks live in baselines/_fractal_blocks.py (re-exported by fractalbench.baselines.fractalbrainnet)
     monkeypatch.setattr(_fractal_blocks, "sample_branch_keep", lambda n, p, device: forced)
     x = torch.randn(3, 4, 4, 4)
     out = block(x)

@@ -9,10 +9,10 @@ from model_helpers import counted_macs, median_policy, unit_table, warm_batchnor
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.fractalnet import FractalBlock, FractalNet, local_keep_mask
-from harness.contract import executed_macs
-from harness.policies import ConfidencePolicy, PatiencePolicy
-from harness.registry import create_model, model_card
+from fractalbench.baselines.fractalnet import FractalBlock, FractalNet, local_keep_mask
+from fractalbench.harness.contract import executed_macs
+from fractalbench.harness.policies import ConfidencePolicy, PatiencePolicy
+from fractalbench.harness.registry import create_model, model_card
 
 TINY = (4, 8, 8, 8, 8)
 NO_DROPOUT = (0.0,) * 5
@@ -300,8 +300,8 @@ def test_calibration_over_several_batches_is_exact_mean_and_biased_variance():
 def test_trainer_calibrates_per_path_statistics_and_checkpoint_keeps_them(tmp_path):
     from torch.utils.data import TensorDataset
 
-    from harness.checkpoints import read_checkpoint
-    from harness.train import TrainConfig, train_model
+    from fractalbench.harness.checkpoints import read_checkpoint
+    from fractalbench.harness.train import TrainConfig, train_model
 
     torch.manual_seed(0)
     model = create_model("fractalnet20", widths=TINY, num_classes=3, in_chans=1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from model_helpers import counted_macs, unit_table
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.moe import (
+from fractalbench.baselines.moe import (
     MoELayer,
     MoEResNet,
     cv_squared,
@@ -17,9 +17,9 @@ from baselines.moe import (
     smooth_load,
     switch_balancing_loss,
 )
-from harness import contract
-from harness.policies import DecisionThreshold
-from harness.registry import create_model, list_models, model_card
+from fractalbench.harness import contract
+from fractalbench.harness.policies import DecisionThreshold
+from fractalbench.harness.registry import create_model, list_models, model_card
 
 
 def build(name, seed=0, **kw):

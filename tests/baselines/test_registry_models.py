@@ -1,5 +1,5 @@
 """Checks every registered model gets for free: forward, backward, finite outputs, and the
-dynamic contract (harness.checker: forced exits equal exits; batch-1 and batched decisions agree
+dynamic contract (fractalbench.harness.checker: forced exits equal exits; batch-1 and batched decisions agree
 under a policy that really decides; the cost table equals counted MACs; real stopping; masked
 mode). Variants over MAX_PARAMS are left to their family's tests."""
 from functools import cache
@@ -7,9 +7,9 @@ from functools import cache
 import pytest
 import torch
 
-from harness import contract
-from harness.checker import check_registered
-from harness.registry import create_model, list_models, model_card
+from fractalbench.harness import contract
+from fractalbench.harness.checker import check_registered
+from fractalbench.harness.registry import create_model, list_models, model_card
 
 # Registered variants that are too slow for the fast suite on 2 CPU cores are exercised by their
 # family's own tests at small widths; here we keep to those below this parameter budget.
@@ -95,7 +95,7 @@ def meta_unit_count(name):
     pytest.param(n, marks=[pytest.mark.slow] if meta_unit_count(n) > MAX_FAST_UNITS else [])
     for n in small_models() if model_card(n).dynamic_kind != "static"])
 def test_dynamic_contract_holds(name):
-    """Every check of harness.checker (forced exits, real decisions, batch-1 vs batched, cost table
+    """Every check of fractalbench.harness.checker (forced exits, real decisions, batch-1 vs batched, cost table
     vs counted MACs under a policy that exits early or closes gates, ops without a formula, real
     stopping, masked mode) on a random batch at the card's input size (at most 32x32)."""
     if parameter_count(name) > MAX_PARAMS:

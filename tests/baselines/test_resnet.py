@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from harness.registry import create_model, model_card
+from fractalbench.harness.registry import create_model, model_card
 
 # He et al. 2016, Table 6: parameters of the CIFAR-10 ResNets (option A shortcuts add none).
 PUBLISHED_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6, "resnet110": 1.7e6}
@@ -21,14 +21,14 @@ def test_parameter_counts_match_the_paper(name):
 
 
 def test_depth_must_be_6n_plus_2():
-    from baselines.resnet import CifarResNet
+    from fractalbench.baselines.resnet import CifarResNet
 
     with pytest.raises(ValueError, match="6n\\+2"):
         CifarResNet(21)
 
 
 def test_option_a_shortcut_subsamples_and_zero_pads():
-    from baselines.resnet import ShortcutA
+    from fractalbench.baselines.resnet import ShortcutA
 
     x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
     y = ShortcutA(2, 6, stride=2)(x)

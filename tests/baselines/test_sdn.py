@@ -7,11 +7,11 @@ from model_helpers import counted_macs, median_policy, unit_table, warm_batchnor
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.resnet import CifarResNet
-from baselines.sdn import SDN, MixedPoolClassifier, place_ics, split_backbone
-from harness.contract import executed_macs
-from harness.policies import ConfidencePolicy, PatiencePolicy
-from harness.registry import create_model, model_card
+from fractalbench.baselines.resnet import CifarResNet
+from fractalbench.baselines.sdn import SDN, MixedPoolClassifier, place_ics, split_backbone
+from fractalbench.harness.contract import executed_macs
+from fractalbench.harness.policies import ConfidencePolicy, PatiencePolicy
+from fractalbench.harness.registry import create_model, model_card
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_loss_terms_use_sdn_weights():
 def test_trainer_ramps_ic_weights_from_0_01_to_final():
     from torch.utils.data import TensorDataset
 
-    from harness.train import TrainConfig, train_model
+    from fractalbench.harness.train import TrainConfig, train_model
 
     torch.manual_seed(0)
     model = create_model("sdn:resnet20", num_classes=3, in_chans=1)

@@ -7,10 +7,10 @@ import torch
 from model_helpers import counted_macs, unit_table
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.skipnet import SkipNet, reinforce_loss, skip_rates
-from harness import contract
-from harness.policies import DecisionThreshold, make_policy
-from harness.registry import create_model, list_models, model_card
+from fractalbench.baselines.skipnet import SkipNet, reinforce_loss, skip_rates
+from fractalbench.harness import contract
+from fractalbench.harness.policies import DecisionThreshold, make_policy
+from fractalbench.harness.registry import create_model, list_models, model_card
 
 
 def legacy(name: str, **options):

@@ -1,5 +1,5 @@
 """Running the command line in-process for tests (shared by test_cli and test_checker)."""
-from harness.cli import main
+from fractalbench.harness.cli import main
 
 
 def run_cli(capsys, *argv):

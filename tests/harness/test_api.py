@@ -1,4 +1,4 @@
-"""harness.api.benchmark: a model object benchmarked without registering it.
+"""fractalbench.harness.api.benchmark: a model object benchmarked without registering it.
 
 The early-exit test runs the README's "Python API" snippet as written (in a temporary folder), so
 the README stays runnable; its model is TwoStageNet, whose MACs by hand at 8x8 input are:
@@ -17,14 +17,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import harness
-from harness import api
-from harness.calibration import default_grid
-from harness.checkpoints import load_checkpoint
-from harness.data import DatasetConfig, load_dataset, stratified_split
-from harness.evaluate import collect_exit_logits, topk_accuracy
-from harness.results import ROW_FIELDS, detail_of, load_run, rows_for
-from harness.stats import accuracy_interval
+import fractalbench.harness as harness
+from fractalbench.harness import api
+from fractalbench.harness.calibration import default_grid
+from fractalbench.harness.checkpoints import load_checkpoint
+from fractalbench.harness.data import DatasetConfig, load_dataset, stratified_split
+from fractalbench.harness.evaluate import collect_exit_logits, topk_accuracy
+from fractalbench.harness.results import ROW_FIELDS, detail_of, load_run, rows_for
+from fractalbench.harness.stats import accuracy_interval
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 EXIT_MACS = (1 * 4 * 9 * 64 + 4 * 10, 1 * 4 * 9 * 64 + 4 * 10 + 4 * 8 * 9 * 64 + 8 * 10)

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from harness._batches import CropFlip, DeviceBatches, device_batches_for
-from harness._images import UInt8Images
-from harness.data import Augmented, RandomCropFlip
-from harness.train import TrainConfig, train_model
+from fractalbench.harness._batches import CropFlip, DeviceBatches, device_batches_for
+from fractalbench.harness._images import UInt8Images
+from fractalbench.harness.data import Augmented, RandomCropFlip
+from fractalbench.harness.train import TrainConfig, train_model
 
 
 def images(n=40, size=8, seed=0):

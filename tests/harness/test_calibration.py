@@ -7,11 +7,11 @@ import pytest
 import torch
 from model_helpers import warm_batchnorm
 
-from harness import calibration
-from harness.contract import executed_macs
-from harness.metrics.flops import build_cost_table
-from harness.policies import make_policy
-from harness.registry import create_model
+from fractalbench.harness import calibration
+from fractalbench.harness.contract import executed_macs
+from fractalbench.harness.metrics.flops import build_cost_table
+from fractalbench.harness.policies import make_policy
+from fractalbench.harness.registry import create_model
 
 # Two classes, three exits, four samples. Max-softmax of [a, b] = 1 / (1 + exp(-|a - b|)):
 # exit 0: 0.982, 0.525, 0.953, 0.731; exit 1: 0.982, 0.881, 0.953, 0.881; exit 2 always right.

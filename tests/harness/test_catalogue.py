@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import catalogue
-from harness.catalogue import UnknownMetricError, check_metric, metric_info, names
-from harness.results import make_row
+from fractalbench.harness import catalogue
+from fractalbench.harness.catalogue import UnknownMetricError, check_metric, metric_info, names
+from fractalbench.harness.results import make_row
 
 
 def test_entries_are_unique_and_well_formed():
@@ -30,7 +30,7 @@ def test_writers_refuse_unknown_metrics_and_wrong_units():
 
 
 def test_readers_derive_their_sets_from_the_catalogue():
-    from reports import compare, tables
+    from fractalbench.reports import compare, tables
 
     assert compare.ACCURACY_METRICS == names(kinds=["accuracy"]) == {"top1", "top5", "top1_full", "policy_top1"}
     assert compare.EXACT_METRICS == names(kinds=["count"])

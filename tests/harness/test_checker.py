@@ -5,20 +5,20 @@ import torch
 from cli_helpers import run_cli
 from torch import nn
 
-from harness import contract
-from harness.checker import CHECK_NAMES, check_registered, choose_policy, run_checks, split_thresholds
-from harness.contract import CostUnit, DynamicOutput, Trace, check_mode
-from harness.early_exit import EarlyExitNetwork
-from harness.metrics.profile import cost_profile
-from harness.policies import ConfidencePolicy, DecisionThreshold, default_policy
-from harness.registry import ModelCard, create_model, register_model, unregister_model
+from fractalbench.harness import contract
+from fractalbench.harness.checker import CHECK_NAMES, check_registered, choose_policy, run_checks, split_thresholds
+from fractalbench.harness.contract import CostUnit, DynamicOutput, Trace, check_mode
+from fractalbench.harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.metrics.profile import cost_profile
+from fractalbench.harness.policies import ConfidencePolicy, DecisionThreshold, default_policy
+from fractalbench.harness.registry import ModelCard, create_model, register_model, unregister_model
 
 
-def cascade(cls=EarlyExitNetwork, exits=3):
+def cascade(cls=EarlyExitNetwork, exits=3, classes=5):
     """A small conv cascade on [N, 3, 8, 8] inputs (built with seed 0)."""
     torch.manual_seed(0)
     stages = [nn.Sequential(nn.Conv2d(3 if k == 0 else 8, 8, 3, padding=1), nn.ReLU()) for k in range(exits)]
-    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)) for _ in range(exits)]
+    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)) for _ in range(exits)]
     return cls(stages, heads).eval()
 
 
@@ -153,7 +153,8 @@ def test_skipnet_is_checked_with_some_gates_closed():
 def broken_registered():
     name = "test_broken_stopping"
     card = ModelCard(family="test", paper="none", dynamic_kind="early_exit", input_size=8)
-    register_model(name, card=card)(lambda *, num_classes=10, in_chans=3: cascade(ComputesEverything))
+    register_model(name, card=card)(lambda *, num_classes=10, in_chans=3: cascade(ComputesEverything,
+                                                                                  classes=num_classes))
     yield name
     unregister_model(name)
 
@@ -164,7 +165,7 @@ def test_check_prints_one_line_per_check_and_exits_0_when_all_pass(capsys):
     assert code == 0 and err == ""
     assert [line.split(":")[0] for line in lines] == list(CHECK_NAMES)
     assert all(line.split(": ", 1)[1].startswith("ok") for line in lines)
-    assert "on input [6, 3, 16, 16]" in lines[0]
+    assert lines[0] == "exit shapes: ok (3 exit(s), each [6, 10])" and "on input [6, 3, 16, 16]" in lines[1]
 
 
 def test_check_exits_1_and_names_the_failure(capsys, broken_registered):

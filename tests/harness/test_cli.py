@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_cli
 
-from harness.checkpoints import save_checkpoint
-from harness.registry import create_model
+from fractalbench.harness.checkpoints import save_checkpoint
+from fractalbench.harness.registry import create_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
     (["run", "smoke", "--data-root", "/nonexistent/data"], "--data-root /nonexistent/data is not a directory"),
     (["report", "/nonexistent/run"], "not a fractalbench run directory"),
     (["evaluate", "resnet20", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
-    (["evaluate", "resnet20", "--checkpoint", "x.pt", "--dataset", "cifar10", "--root", "/nonexistent"],
+    (["evaluate", "resnet20", "--weights", "x.pt", "--dataset", "cifar10", "--root", "/nonexistent"],
      "dataset cifar10: files not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -47,10 +47,10 @@ def test_bad_cli_values_exit_2(capsys, argv, message):
 
 
 def test_compare_options_are_the_comparison_thresholds():
-    """Every threshold of reports.compare has a `fractalbench compare` option, and the defaults the
+    """Every threshold of fractalbench.reports.compare has a `fractalbench compare` option, and the defaults the
     help states are the real ones."""
-    from harness.cli import COMPARE_THRESHOLDS, build_parser
-    from reports.compare import Thresholds
+    from fractalbench.harness.cli import COMPARE_THRESHOLDS, build_parser
+    from fractalbench.reports.compare import Thresholds
 
     assert tuple(COMPARE_THRESHOLDS) == Thresholds.names()
     assert {n: float(d) for n, (_, _, d) in COMPARE_THRESHOLDS.items()} == vars(Thresholds())
@@ -129,6 +129,6 @@ def test_export_copies_results_and_report_but_no_checkpoints(capsys, tmp_path):
 
 
 def test_console_script_exit_code_in_a_real_process():
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "nosuch"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fractalbench", "run", "nosuch"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("fractalbench: error: unknown suite 'nosuch'")

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness import contract
-from harness.early_exit import EarlyExitNetwork
-from harness.policies import ConfidencePolicy, EntropyPolicy, PatiencePolicy, make_policy, softmax_entropy
+from fractalbench.harness import contract
+from fractalbench.harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.policies import ConfidencePolicy, EntropyPolicy, PatiencePolicy, make_policy, softmax_entropy
 
 
 def tiny_cascade():

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from harness import contract
-from harness.early_exit import EarlyExitNetwork
-from harness.metrics import MacCounter, build_cost_table
-from harness.metrics.flops import ROLE_PARTS, decomposition_rows, expected_cost_rows, expected_roles
-from harness.policies import ExitPolicy
-from harness.registry import create_model
+from fractalbench.harness import contract
+from fractalbench.harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.metrics import MacCounter, build_cost_table
+from fractalbench.harness.metrics.flops import ROLE_PARTS, decomposition_rows, expected_cost_rows, expected_roles
+from fractalbench.harness.policies import ExitPolicy
+from fractalbench.harness.registry import create_model
 
 PARTS = ("expected_macs_backbone", "expected_macs_heads", "expected_macs_gating")
 
@@ -246,10 +246,10 @@ def test_moe_routers_are_gating_and_mask_mode_costs_more_than_the_full_network(i
 
 
 def test_the_report_decomposes_every_point_not_chosen_on_test(tmp_path):
-    from harness.runner import run_suite
-    from harness.suites import parse_suite
-    from reports import tables
-    from reports.html import write_report
+    from fractalbench.harness.runner import run_suite
+    from fractalbench.harness.suites import parse_suite
+    from fractalbench.reports import tables
+    from fractalbench.reports.html import write_report
 
     raw = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}], "models": ["branchynet_resnet20"],
            "train": {"epochs": 1, "max_steps_per_epoch": 2}, "metrics": ["accuracy", "sweep", "cost"],

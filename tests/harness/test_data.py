@@ -3,7 +3,7 @@ import pytest
 import torch
 from image_fixtures import write_image_folder
 
-from harness.data import DatasetConfig, DatasetError, load_dataset, stratified_split
+from fractalbench.harness.data import DatasetConfig, DatasetError, load_dataset, stratified_split
 
 
 def test_digits_is_real_embedded_data_with_fixed_stratified_splits():
@@ -126,7 +126,7 @@ def test_png_pixels_survive_exactly(tmp_path):
 
 
 def test_a_folder_over_the_memory_limit_streams_from_disk(tmp_path):
-    from harness._images import loader_workers
+    from fractalbench.harness._images import loader_workers
 
     root = write_image_folder(tmp_path / "imgs")
     in_memory = load_dataset(DatasetConfig("imagefolder", root=str(root)))

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from harness import registry
-from harness.catalogue import metric_info
-from harness.executors import check_executor, placement, slurm_gpus, submitit_executor, threads_per_job
-from harness.registry import ModelCard, register_model
-from harness.results import RunStore, load_run
-from harness.runner import cell_digests, run_suite
-from harness.suites import parse_suite
+from fractalbench.harness import registry
+from fractalbench.harness.catalogue import metric_info
+from fractalbench.harness.executors import check_executor, placement, slurm_gpus, submitit_executor, threads_per_job
+from fractalbench.harness.registry import ModelCard, register_model
+from fractalbench.harness.results import RunStore, load_run
+from fractalbench.harness.runner import cell_digests, run_suite
+from fractalbench.harness.suites import parse_suite
 
 CELLS = ["linear__digits8__cpu", "noop__digits8__cpu", "resnet20__digits8__cpu"]
 RAW = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}], "models": ["linear", "noop", "resnet20"],
@@ -81,7 +81,7 @@ def _alive(pid):
 def test_a_killed_parallel_run_resumes_without_losing_or_repeating_cells(tmp_path, stop):
     suite_file, out = tmp_path / "t.yaml", tmp_path / "run"
     suite_file.write_text(yaml.safe_dump({**RAW, "models": ["resnet20", "linear", "noop"]}))
-    command = [sys.executable, "-m", "harness.cli", "run", str(suite_file), "--out", str(out), "--jobs", "2",
+    command = [sys.executable, "-m", "fractalbench", "run", str(suite_file), "--out", str(out), "--jobs", "2",
                "--no-report", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # SIGINT back to its default in the child: a test run started in the background (nohup, `cmd &`)
@@ -117,14 +117,20 @@ def test_a_killed_parallel_run_resumes_without_losing_or_repeating_cells(tmp_pat
 
 
 class Exits(torch.nn.Module):
-    """A model whose process dies in forward (as a segfault or an out-of-memory kill would)."""
+    """A model whose cell process dies in forward (as a segfault or an out-of-memory kill would). In the
+    test's own process (the run's preflight passes a batch through every model) it gives logits."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        os._exit(3)
+        if str(os.getpid()) != os.environ.get(TEST_PROCESS):  # the variable holds the test's pid, children inherit it
+            os._exit(3)
+        return x.flatten(1)[:, :10] * self.w
+
+
+TEST_PROCESS = "FRACTALBENCH_TEST_EXITS_PARENT"
 
 
 def build_exits(*, num_classes, in_chans):
@@ -132,7 +138,8 @@ def build_exits(*, num_classes, in_chans):
 
 
 @pytest.fixture
-def exiting_model():
+def exiting_model(monkeypatch):
+    monkeypatch.setenv(TEST_PROCESS, str(os.getpid()))
     register_model("tmp_exits", card=ModelCard(family="test", paper="none"))(build_exits)
     yield
     registry.unregister_model("tmp_exits")
@@ -161,7 +168,7 @@ def test_submitit_local_executor_gives_the_rows_of_jobs_1(sequential, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_parallel_cuda_cells_get_one_gpu_each(tmp_path):
-    from harness.executors import visible_gpus
+    from fractalbench.harness.executors import visible_gpus
 
     gpus = visible_gpus()
     summary = run_suite(tiny(["linear", "noop"], devices=["cuda"]), tmp_path, jobs=2)
@@ -185,7 +192,7 @@ def test_pinning_rule():
 
 
 def test_slurm_without_sbatch_is_one_line_error(tmp_path, monkeypatch, capsys):
-    from harness.cli import main
+    from fractalbench.harness.cli import main
 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ValueError, match="needs Slurm"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.metrics.exit_stats import (
+from fractalbench.harness.metrics.exit_stats import (
     ECE_BINS,
     bin_index,
     calibration,
@@ -22,11 +22,11 @@ from harness.metrics.exit_stats import (
     oracle,
     overthinking,
 )
-from harness.outcomes import load_outcomes
-from harness.results import load_run
-from harness.runner import run_suite
-from harness.stats import accuracy_interval
-from harness.suites import parse_suite
+from fractalbench.harness.outcomes import load_outcomes
+from fractalbench.harness.results import load_run
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.stats import accuracy_interval
+from fractalbench.harness.suites import parse_suite
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -185,7 +185,7 @@ def test_every_exit_of_every_model_has_fifteen_bins_summing_to_n(run_dir):
 
 
 def test_report_has_the_section_and_a_reliability_diagram_per_model(run_dir):
-    from reports.html import page_sections, write_report
+    from fractalbench.reports.html import page_sections, write_report
 
     anchors = [spec[0] for spec in page_sections()]
     assert anchors.index("exit_stats") == anchors.index("dynamic") + 1

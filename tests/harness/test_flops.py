@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import contract
-from harness.early_exit import EarlyExitNetwork
-from harness.metrics import (
+from fractalbench.harness import contract
+from fractalbench.harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.metrics import (
     ZERO_MAC_OPS,
     MacCounter,
     build_cost_table,
@@ -21,8 +21,8 @@ from harness.metrics import (
     parameter_counts,
     trace_histograms,
 )
-from harness.policies import ConfidencePolicy
-from harness.registry import create_model, list_models, model_card
+from fractalbench.harness.policies import ConfidencePolicy
+from fractalbench.harness.registry import create_model, list_models, model_card
 
 
 def median_confidence_policy(model, x):

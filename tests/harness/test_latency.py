@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness import contract
-from harness.metrics import (
+from fractalbench.harness import contract
+from fractalbench.harness.metrics import (
     LatencySettings,
     MeasurementError,
     latency_rows,
@@ -22,10 +22,10 @@ from harness.metrics import (
     time_calls,
     timer_cross_check,
 )
-from harness.metrics.isolation import run_worker, worker_env
-from harness.metrics.settings import StreamPoint, as_stream_point, policy_description, resolve_policy
-from harness.policies import ConfidencePolicy, ExitPolicy
-from harness.registry import ModelSpec
+from fractalbench.harness.metrics.isolation import run_worker, worker_env
+from fractalbench.harness.metrics.settings import StreamPoint, as_stream_point, policy_description, resolve_policy
+from fractalbench.harness.policies import ConfidencePolicy, ExitPolicy
+from fractalbench.harness.registry import ModelSpec
 
 FAST = dict(warmup=1, repeats=5, stream_samples=20, cross_check=False)
 
@@ -172,7 +172,7 @@ def test_isolated_worker_matches_in_process_structure():
 
 
 def test_isolated_dynamic_model_via_plugin_and_checkpoint(tiny_registry, tmp_path):
-    from harness.checkpoints import save_checkpoint
+    from fractalbench.harness.checkpoints import save_checkpoint
 
     spec = ModelSpec("tiny_two_exit", num_classes=4, in_chans=2)
     model = spec.build()

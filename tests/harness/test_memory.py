@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from harness.metrics import MemorySettings, measure_memory, memory_rows, weight_bytes
-from harness.metrics.memory import _proc_status, can_reset_peak_rss, reset_peak_rss, torch_peak_bytes
-from harness.registry import ModelSpec, unregister_model
+from fractalbench.harness.metrics import MemorySettings, measure_memory, memory_rows, weight_bytes
+from fractalbench.harness.metrics.memory import _proc_status, can_reset_peak_rss, reset_peak_rss, torch_peak_bytes
+from fractalbench.harness.registry import ModelSpec, unregister_model
 
 MiB = 2**20
 
 BLOB_PLUGIN = '''
 import torch
 from torch import nn
-from harness.registry import ModelCard, list_models, register_model
+from fractalbench.harness.registry import ModelCard, list_models, register_model
 
 
 class Blob(nn.Module):
@@ -42,7 +42,7 @@ if "memtest_blob" not in list_models():
 def blob(tmp_path):
     plugin = tmp_path / "blob_plugin.py"
     plugin.write_text(BLOB_PLUGIN, encoding="utf-8")
-    from harness.metrics._worker import _load_plugins
+    from fractalbench.harness.metrics._worker import _load_plugins
 
     _load_plugins([str(plugin)])
     yield str(plugin)

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from harness.outcomes import CellOutcomes, OutcomesError, load_outcomes, load_run_outcomes, sample_digest
-from harness.results import export_run, load_run
-from harness.runner import run_suite
-from harness.suites import parse_suite
+from fractalbench.harness.outcomes import CellOutcomes, OutcomesError, load_outcomes, load_run_outcomes, sample_digest
+from fractalbench.harness.results import export_run, load_run
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.suites import parse_suite
 
 
 def suite(models, metrics=("accuracy", "sweep", "cost"), **extra):

@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 
-from harness.cells import card_dict as _card_dict
-from harness.registry import list_models, model_card, recipe_text
-from harness.suites import load_suite
-from harness.train import TrainConfig
-from reports.reference import TRAIN_DEFAULTS, parse_recipe, recipe_differences, suite_recipe
+from fractalbench.harness.cells import card_dict as _card_dict
+from fractalbench.harness.registry import list_models, model_card, recipe_text
+from fractalbench.harness.suites import load_suite
+from fractalbench.harness.train import TrainConfig
+from fractalbench.reports.reference import TRAIN_DEFAULTS, parse_recipe, recipe_differences, suite_recipe
 
 FAMILIES = {"resnet", "branchynet", "sdn", "skipnet", "fractalnet", "moe", "fractalbrainnet"}
 #: Recipe keys the trainer cannot follow: SGD with momentum is always Nesterov, Adam keeps torch's betas.
@@ -18,7 +18,7 @@ UNFOLLOWABLE = {"nesterov", "stage2.nesterov", "betas"}
 @pytest.mark.parametrize("name, dataset", [("paper", "cifar10"), ("paper_c100", "cifar100")])
 def test_paper_suites_parse_on_cuda_with_the_papers_dataset(name, dataset):
     suite = load_suite(name)
-    assert suite.path == f"suites/{name}.yaml"
+    assert suite.path == f"fractalbench/suites/{name}.yaml"
     assert suite.devices == ("cuda",)
     [ds] = suite.datasets
     assert (ds.name, ds.root, ds.val_fraction) == (dataset, "data", 0.1)

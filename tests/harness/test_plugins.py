@@ -10,18 +10,18 @@ import textwrap
 import pytest
 import torch
 
-from harness import registry
-from harness.metrics import MemorySettings, memory_rows, weight_bytes
-from harness.metrics.isolation import worker_env
-from harness.registry import ModelSpec, UnknownNameError, create_model, list_models, model_card, name_kind
-from harness.results import load_run
-from harness.runner import run_suite
-from harness.suites import SuiteError, parse_suite
+from fractalbench.harness import registry
+from fractalbench.harness.metrics import MemorySettings, memory_rows, weight_bytes
+from fractalbench.harness.metrics.isolation import worker_env
+from fractalbench.harness.registry import ModelSpec, UnknownNameError, create_model, list_models, model_card, name_kind
+from fractalbench.harness.results import load_run
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.suites import SuiteError, parse_suite
 
 TINY_MODEL = '''
 from torch import nn
 
-from harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.early_exit import EarlyExitNetwork
 
 
 class TinyExit(EarlyExitNetwork):
@@ -40,7 +40,7 @@ def {builder}(*, num_classes, in_chans, width=4) -> TinyExit:
 '''
 
 REGISTERING_MODULE = '''
-from harness.registry import ModelCard, register_model
+from fractalbench.harness.registry import ModelCard, register_model
 from {package}.nets import TinyExit
 
 
@@ -174,7 +174,7 @@ def test_broken_plugin_is_one_error_and_the_other_models_still_work(site, caplog
     write_package(site, "goodplug", {"nets": TINY_MODEL.format(builder="good")})
     write_dist(site, "brokenplug", {"broken_models": "brokenplug.models"})
     write_dist(site, "goodplug", {"good_exit": "goodplug.nets:good"})
-    with caplog.at_level(logging.WARNING, logger="harness.registry"):
+    with caplog.at_level(logging.WARNING, logger="fractalbench.harness.registry"):
         names = list_models()
     assert "good_exit" in names and "resnet20" in names
     (error,) = registry.plugin_errors()
@@ -190,7 +190,7 @@ def test_broken_plugin_is_one_error_and_the_other_models_still_work(site, caplog
 
 
 DUPLICATING_MODULE = '''
-from harness.registry import ModelCard, register_model
+from fractalbench.harness.registry import ModelCard, register_model
 from dupplug.nets import TinyExit
 
 card = ModelCard(family="dupplug", paper="a plugin that reuses a name")
@@ -204,7 +204,8 @@ def test_duplicate_plugin_name_names_both_origins_and_registers_nothing(site):
     write_dist(site, "dupplug", {"dup_models": "dupplug.registered"})
     (error,) = registry.plugin_errors()
     assert "already registered under the name 'resnet20'" in error
-    assert "by module baselines.resnet" in error and "module dupplug.nets via entry point 'dup_models'" in error
+    assert "by module fractalbench.baselines.resnet" in error
+    assert "module dupplug.nets via entry point 'dup_models'" in error
     assert model_card("resnet20").family == "resnet"  # the first registration stays
     assert "dupplug_extra" not in list_models()  # nothing of the failed plugin is left
 

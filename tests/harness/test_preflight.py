@@ -3,9 +3,9 @@ directory; a run with a failed cell exits 1."""
 import pytest
 import yaml
 
-from harness import registry
-from harness.cli import main
-from harness.registry import ModelCard, register_model
+from fractalbench.harness import registry
+from fractalbench.harness.cli import main
+from fractalbench.harness.registry import ModelCard, register_model
 
 BASE = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}], "models": ["linear"],
         "train": {"epochs": 1, "max_steps_per_epoch": 2}, "metrics": ["accuracy"]}
@@ -71,8 +71,10 @@ def broken_model():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, x):
-            raise RuntimeError("kaboom in forward")
+        def forward(self, x):  # fails in the cell's training; preflight's eval-mode pass gives logits
+            if self.training:
+                raise RuntimeError("kaboom in forward")
+            return x.flatten(1)[:, :10] * self.w
 
     register_model("tmp_preflight_raises", card=ModelCard(family="test", paper="none"))(
         lambda *, num_classes, in_chans: Raises())
@@ -92,7 +94,7 @@ SAPPHIRE_RAPIDS = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_bf16
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
-    from harness.environment import cpu_flags, cpu_native_bf16
+    from fractalbench.harness.environment import cpu_flags, cpu_native_bf16
 
     assert cpu_native_bf16(AVX2_EPYC) is False and cpu_native_bf16(SAPPHIRE_RAPIDS) is True
     assert cpu_native_bf16("Features\t: fp asimd bf16 i8mm\n") is True  # Arm
@@ -100,8 +102,8 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 
 
 def test_bf16_training_on_a_cpu_without_native_bf16_is_warned_once(tmp_path):
-    from harness.preflight import precision_warnings
-    from harness.suites import parse_suite
+    from fractalbench.harness.preflight import precision_warnings
+    from fractalbench.harness.suites import parse_suite
 
     models = ["linear", {"name": "noop", "train": {"precision": "bf16"}},
               {"name": "skipnet38", "attribute_sweep": {"attribute": "alpha", "values": [1.0],
@@ -118,8 +120,8 @@ def test_bf16_training_on_a_cpu_without_native_bf16_is_warned_once(tmp_path):
 
 
 def test_the_run_prints_the_bf16_warning(tmp_path, capsys, monkeypatch):
-    import harness.environment
+    import fractalbench.harness.environment
 
-    monkeypatch.setattr(harness.environment, "cpu_native_bf16", lambda cpuinfo=None: False)
+    monkeypatch.setattr(fractalbench.harness.environment, "cpu_native_bf16", lambda cpuinfo=None: False)
     code, out, _ = run(tmp_path, capsys, {**BASE, "train": {**BASE["train"], "precision": "bf16"}})
     assert code == 0 and "warning: 1 model(s) (linear) train under bf16 autocast" in out

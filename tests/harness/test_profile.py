@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.metrics import count_macs, format_profile, profile_model
+from fractalbench.harness.metrics import count_macs, format_profile, profile_model
 
 
 def test_resnet20_profile_adds_up():

@@ -29,7 +29,7 @@ def test_bad_batch_size(benchmark_model):
 
 def test_benchmark_model_fixture(pytester):
     pytester.makepyfile(test_inner=INNER)
-    result = pytester.runpytest_inprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "-q",
+    result = pytester.runpytest_inprocess("-p", "fractalbench.harness.pytest_plugin", "-p", "no:cacheprovider", "-q",
                                           "--benchmark-json=bench.json", "--benchmark-min-rounds=2",
                                           "--benchmark-max-time=0.02", "--benchmark-warmup=off")
     result.assert_outcomes(passed=4)
@@ -51,11 +51,11 @@ def test_static(benchmark_model):
 
 
 def test_installed_entry_point_names_the_plugin_module():
-    """Named like the module, so ``-p harness.pytest_plugin`` / ``pytest_plugins`` find it already
+    """Named like the module, so ``-p fractalbench.harness.pytest_plugin`` / ``pytest_plugins`` find it already
     registered (no 'Plugin already registered under a different name') and ``-p
-    no:harness.pytest_plugin`` turns it off. Fails until the project is reinstalled (make setup)."""
-    found = [ep for ep in entry_points(group="pytest11") if ep.value == "harness.pytest_plugin"]
-    assert [ep.name for ep in found] == ["harness.pytest_plugin"], found
+    no:fractalbench.harness.pytest_plugin`` turns it off. Fails until the project is reinstalled (make setup)."""
+    found = [ep for ep in entry_points(group="pytest11") if ep.value == "fractalbench.harness.pytest_plugin"]
+    assert [ep.name for ep in found] == ["fractalbench.harness.pytest_plugin"], found
 
 
 @pytest.mark.parametrize("how", ["entry point only", "-p on the command line", "pytest_plugins in conftest.py"])
@@ -63,9 +63,9 @@ def test_fixture_is_available_once_however_it_is_enabled(pytester, how):
     pytester.makepyfile(test_inner=ONE_TEST)
     args = ["-p", "no:cacheprovider", "-q", "--benchmark-disable"]
     if how.startswith("-p"):
-        args = ["-p", "harness.pytest_plugin", *args]
+        args = ["-p", "fractalbench.harness.pytest_plugin", *args]
     elif how.startswith("pytest_plugins"):
-        pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+        pytester.makeconftest('pytest_plugins = ["fractalbench.harness.pytest_plugin"]')
     result = pytester.runpytest_inprocess(*args)
     result.assert_outcomes(passed=1)
     assert "already registered" not in result.stdout.str() + result.stderr.str()
@@ -73,7 +73,7 @@ def test_fixture_is_available_once_however_it_is_enabled(pytester, how):
 
 def test_plugin_can_be_switched_off(pytester):
     pytester.makepyfile(test_inner=ONE_TEST)
-    result = pytester.runpytest_inprocess("-p", "no:harness.pytest_plugin", "-p", "no:cacheprovider", "-q",
+    result = pytester.runpytest_inprocess("-p", "no:fractalbench.harness.pytest_plugin", "-p", "no:cacheprovider", "-q",
                                           "--benchmark-disable")
     result.assert_outcomes(errors=1)
     assert "fixture 'benchmark_model' not found" in result.stdout.str()

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from harness import registry
-from harness.registry import ModelCard, UnknownNameError, create_model, list_models, model_card, register_model
+from fractalbench.harness import registry
+from fractalbench.harness.registry import (
+    ModelCard,
+    UnknownNameError,
+    create_model,
+    list_models,
+    model_card,
+    register_model,
+)
 
 
 def test_unknown_name_lists_close_matches():

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from harness import registry
-from harness.data import DatasetConfig, load_dataset
-from harness.registry import ModelCard, register_model
-from harness.results import load_run
-from harness.runner import run_suite
-from harness.suites import SuiteError, parse_suite
+from fractalbench.harness import registry
+from fractalbench.harness.data import DatasetConfig, load_dataset
+from fractalbench.harness.registry import ModelCard, register_model
+from fractalbench.harness.results import load_run
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.suites import SuiteError, parse_suite
 
 
 def suite(models, **extra):
@@ -23,8 +23,10 @@ class Boom(torch.nn.Module):
         self.exc = exc
         self.w = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, x):
-        raise self.exc
+    def forward(self, x):  # raises in the cell's training; the run's preflight (eval mode) gets logits
+        if self.training:
+            raise self.exc
+        return x.flatten(1)[:, :10] * self.w
 
 
 @pytest.fixture
@@ -134,7 +136,7 @@ def test_result_files_get_the_mode_a_plain_write_gives(tmp_path):
 
 
 def test_missing_dataset_fails_before_any_cell(tmp_path):
-    from harness.data import DatasetError
+    from fractalbench.harness.data import DatasetError
 
     raw = suite(["noop"]).raw | {"datasets": [{"name": "svhn", "root": str(tmp_path / "none")}]}
     with pytest.raises(DatasetError, match="dataset svhn"):
@@ -181,7 +183,7 @@ def test_attribute_sweep_of_a_missing_attribute_is_refused_before_any_cell(tmp_p
     ({"values": [0.1, 0.1]}, "values must be distinct"),
     ({"attribute": "not an attr"}, "must be a model attribute name"),
     ({"train": {"lr": "fast"}}, "attribute_sweep.train.lr': must be a number"),
-    ({"train": {"optimiser": "sgd"}}, "unknown field; allowed:"),
+    ({"train": {"optimiser": "sgd"}}, "unknown field; did you mean: optimizer\\? allowed:"),
 ])
 def test_attribute_sweep_validation(sweep, message):
     with pytest.raises(SuiteError, match=message.replace("[", r"\[")):
@@ -258,7 +260,7 @@ def test_remeasure_measures_finished_cells_again_without_retraining(tmp_path):
 
 
 def test_remeasure_of_a_checkpoint_without_epoch_times_keeps_the_first_records_time(tmp_path):
-    from harness.checkpoints import read_checkpoint
+    from fractalbench.harness.checkpoints import read_checkpoint
 
     entry = {"name": "linear", "train": {"epochs": 1}}
     run_suite(suite([entry]), tmp_path)

@@ -2,10 +2,10 @@ import math
 
 import pytest
 
-from harness.results import load_run, make_row
-from harness.runner import run_suite
-from harness.stats import accuracy_interval, wilson_interval
-from harness.suites import parse_suite
+from fractalbench.harness.results import load_run, make_row
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.stats import accuracy_interval, wilson_interval
+from fractalbench.harness.suites import parse_suite
 
 
 def test_wilson_interval_by_hand():

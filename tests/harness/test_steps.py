@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import steps
-from harness.cells import Cell
-from harness.data import DatasetConfig, load_dataset
-from harness.registry import ModelSpec
-from harness.results import RunStore
-from harness.steps import STEPS, CellState, check_step_order, plan_steps
-from harness.suites import parse_suite
+from fractalbench.harness import steps
+from fractalbench.harness.cells import Cell
+from fractalbench.harness.data import DatasetConfig, load_dataset
+from fractalbench.harness.registry import ModelSpec
+from fractalbench.harness.results import RunStore
+from fractalbench.harness.steps import STEPS, CellState, check_step_order, plan_steps
+from fractalbench.harness.suites import parse_suite
 
 HARNESS = Path(steps.__file__).resolve().parent
 
@@ -108,7 +108,7 @@ def test_the_engine_imports_no_baseline_and_no_report():
     offenders = []
     for path in sorted(HARNESS.rglob("*.py")):
         for module in _imports(path):
-            top = module.split(".")[0]
+            top = module.removeprefix("fractalbench.").split(".")[0]
             if top == "baselines" and path.name != "registry.py":
                 offenders.append(f"{path.name}: {module}")
             if top == "reports" and path.name not in ("cli.py", "api.py"):
@@ -120,8 +120,8 @@ def _import_graph() -> dict[str, set[str]]:
     """harness module -> the harness modules it imports (at any level: top or inside functions)."""
     graph = {}
     for path in sorted(HARNESS.rglob("*.py")):
-        name = "harness." + ".".join(path.relative_to(HARNESS).with_suffix("").parts)
-        graph[name.removesuffix(".__init__")] = {m for m in _imports(path) if m.startswith("harness.")}
+        name = "fractalbench.harness." + ".".join(path.relative_to(HARNESS).with_suffix("").parts)
+        graph[name.removesuffix(".__init__")] = {m for m in _imports(path) if m.startswith("fractalbench.harness.")}
     return graph
 
 
@@ -137,11 +137,13 @@ def _reaches(graph: dict[str, set[str]], start: str, target: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("module", ["harness.runner", "harness.steps", "harness.api", "harness.executors",
-                                    "harness.cells"])
+ENTRY_MODULES = [f"fractalbench.harness.{m}" for m in ("runner", "steps", "api", "executors", "cells")]
+
+
+@pytest.mark.parametrize("module", ENTRY_MODULES)
 def test_the_engine_has_no_import_circle_through_its_entry_modules(module):
     """runner, steps, api, executors and cells import nothing that imports them back (function-level
-    imports included): the per-cell functions live in harness.cells, which runner and executors share."""
+    imports included): the per-cell functions live in fractalbench.harness.cells, which runner and executors share."""
     graph = _import_graph()
     assert not _reaches(graph, module, module), f"{module} imports something that imports it back"
 
@@ -155,7 +157,7 @@ def test_every_third_party_package_imported_is_declared_in_pyproject():
     requirements = [r for r in importlib.metadata.requires("fractalbench") or [] if "extra ==" not in r]
     declared = {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
     owners = importlib.metadata.packages_distributions()
-    ours = {"harness", "baselines", "reports", "suites", "tests"}
+    ours = {"fractalbench", "tests"}
     missing = set()
     for folder in ("harness", "baselines", "reports"):
         for path in sorted((root / folder).rglob("*.py")):

@@ -1,4 +1,4 @@
-"""The suite JSON Schema (harness.suites.suite_json_schema) against the suite validation.
+"""The suite JSON Schema (fractalbench.harness.suites.suite_json_schema) against the suite validation.
 
 ``jsonschema`` is not a dependency, so a small checker of the keywords the schema uses (listed in
 ``KEYWORDS``) stands in for it; a keyword outside that list fails the test, so the checker cannot
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness._suite_schema import (
+from fractalbench.harness._suite_schema import (
     LATENCY_FIELDS,
     MEMORY_FIELDS,
     DatasetSection,
@@ -26,7 +26,7 @@ from harness._suite_schema import (
     TrainSection,
     field_path,
 )
-from harness.suites import METRICS, SuiteError, list_suites, parse_suite, suite_json_schema
+from fractalbench.harness.suites import METRICS, SuiteError, list_suites, parse_suite, suite_json_schema
 
 KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "default", "type", "enum", "const", "anyOf", "allOf",
             "if", "then", "properties", "required", "additionalProperties", "patternProperties", "items", "minItems",
@@ -86,7 +86,7 @@ def schema() -> dict[str, Any]:
 
 
 def bundled_raw(name: str) -> Any:
-    return yaml.safe_load((files("suites") / f"{name}.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load((files("fractalbench.suites") / f"{name}.yaml").read_text(encoding="utf-8"))
 
 
 def test_schema_is_json_draft_2020_12_and_every_reference_resolves(schema):
@@ -107,9 +107,9 @@ def test_schema_spot_checks(schema):
     defs, top = schema["$defs"], schema["properties"]
     assert schema["required"] == ["name", "datasets", "models"] and schema["additionalProperties"] is False
     assert top["metrics"]["items"]["enum"] == list(METRICS)
-    from harness.data import DATASET_NAMES
-    from harness.policies import POLICY_NAMES
-    assert defs["PolicyConfig"]["properties"]["name"]["enum"] == list(POLICY_NAMES)
+    from fractalbench.harness.data import DATASET_NAMES
+    from fractalbench.harness.policies import POLICY_NAMES
+    assert defs["PolicyConfig"]["properties"]["name"]["anyOf"][0]["enum"] == list(POLICY_NAMES)
     assert defs["Dataset"]["anyOf"][0]["enum"] == list(DATASET_NAMES)  # a bare name, or the mapping
     assert list(defs["Latency"]["properties"]) == list(LATENCY_FIELDS)
     assert list(defs["Memory"]["properties"]) == list(MEMORY_FIELDS)
@@ -148,7 +148,8 @@ def test_malformed_suite_fails_the_schema_and_the_validation_at_the_same_field(s
 
 
 @pytest.mark.parametrize("section, cls, skip", [
-    (DatasetSection, "harness.data:DatasetConfig", ()), (TrainSection, "harness.train:TrainConfig", ("seed",)),
+    (DatasetSection, "fractalbench.harness.data:DatasetConfig", ()),
+    (TrainSection, "fractalbench.harness.train:TrainConfig", ("seed",)),
 ])
 def test_sections_cover_their_dataclass_with_its_defaults(section, cls, skip):
     import importlib
@@ -163,8 +164,8 @@ def test_sections_cover_their_dataclass_with_its_defaults(section, cls, skip):
 
 
 def test_compare_section_matches_the_compare_thresholds():
-    from harness.suites import COMPARE_FIELDS
-    from reports.compare import Thresholds
+    from fractalbench.harness.suites import COMPARE_FIELDS
+    from fractalbench.reports.compare import Thresholds
 
     assert COMPARE_FIELDS == Thresholds.names()
 
@@ -172,7 +173,7 @@ def test_compare_section_matches_the_compare_thresholds():
 @pytest.mark.parametrize("section, cls", [(LatencySection, "LatencySettings"), (MemorySection, "MemorySettings")])
 def test_settings_bounds_agree_with_their_post_init_checks(section, cls):
     """Whole-number settings: the schema's minimum is what ``__post_init__`` accepts, and one less is refused."""
-    import harness.metrics.settings as settings
+    import fractalbench.harness.metrics.settings as settings
 
     build = getattr(settings, cls)
     props = section.model_json_schema()["properties"]

@@ -1,6 +1,6 @@
 import pytest
 
-from harness.suites import SuiteError, list_suites, load_suite, parse_suite
+from fractalbench.harness.suites import SuiteError, list_suites, load_suite, parse_suite
 
 BASE = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}], "models": [{"name": "resnet20"}]}
 
@@ -18,18 +18,20 @@ def test_shipped_suites_validate():
 
 
 @pytest.mark.parametrize("raw, message", [
-    (with_(modles=[]), "field 'modles': unknown field; allowed: name, description"),
+    (with_(modles=[]), "field 'modles': unknown field; did you mean: models? allowed: name, description"),
     (with_(models=None), "field 'models': is required"),
     (with_(models=[{"name": "resnet21"}]), "field 'models[0].name': unknown model 'resnet21'; did you mean"),
     (with_(datasets=[{"name": "cifar11"}]),
-     "field 'datasets[0].name': 'cifar11' is not allowed; allowed: digits, cifar10"),
+     "field 'datasets[0].name': 'cifar11' is not allowed; did you mean: cifar10, cifar100? allowed: digits, cifar10"),
     (with_(datasets=[{"name": "digits", "image_size": -3}]),
      "field 'datasets[0].image_size': must be a whole number >= 1"),
     (with_(train={"optimizer": "rmsprop"}), "field 'train.optimizer': 'rmsprop' is not allowed; allowed: sgd, adam"),
     (with_(train={"epochs": "two"}), "field 'train.epochs': must be a whole number >= 0"),
-    (with_(metrics=["speed"]), "field 'metrics[0]': 'speed' is not allowed; allowed: accuracy, cost"),
+    (with_(metrics=["speed"]),
+     "field 'metrics[0]': 'speed' is not allowed; did you mean: sweep? allowed: accuracy, cost"),
     (with_(devices=["tpu"]), "field 'devices[0]': 'tpu' is not allowed; allowed: cpu, cuda"),
-    (with_(policies=[{"name": "greedy"}]), "field 'policies[0].name': 'greedy' is not allowed"),
+    (with_(policies=[{"name": "greedy"}]),
+     "field 'policies[0].name': unknown exit policy 'greedy'; allowed: confidence"),
     (with_(models=[{"name": "resnet20"}, {"name": "resnet20"}]), "labels must be unique; repeated: resnet20"),
     (["not", "a", "mapping"], "must be a mapping"),
 ])
@@ -53,7 +55,7 @@ def test_unknown_suite_name_lists_close_matches():
 
 
 def test_model_training_overrides_and_digest():
-    from harness.suites import train_config_for
+    from fractalbench.harness.suites import train_config_for
 
     suite = parse_suite(with_(train={"epochs": 2, "lr": 0.1}, models=[{"name": "resnet20", "train": {"epochs": 5}}]))
     assert suite.train.epochs == 2 and train_config_for(suite, suite.models[0]).epochs == 5
@@ -105,13 +107,19 @@ def test_merged_training_of_an_entry_is_checked(raw, message):
     (with_(models=[{"name": "skipnet38", "attribute_sweep": {"attribute": "alpha", "values": [1], "set": {"a b": 1}}}]),
      "field 'models[0].attribute_sweep.set.a b': must be a model attribute name, got 'a b'"),
     (with_(name=""), "field 'name': must be a non-empty string, got ''"),
-    (None, "field 'name': is required"),
 ])
 def test_errors_name_the_field_path_and_what_is_allowed(raw, message):
     with pytest.raises(SuiteError) as err:
         parse_suite(raw, "suites/x.yaml")
     text = str(err.value)
     assert text.startswith("suite suites/x.yaml: field '") and message in text and "\n" not in text
+
+
+def test_an_empty_suite_lists_every_required_field():
+    with pytest.raises(SuiteError) as err:
+        parse_suite(None, "suites/x.yaml")
+    assert str(err.value).splitlines() == ["suite suites/x.yaml: 3 problems", "  field 'name': is required",
+                                           "  field 'datasets': is required", "  field 'models': is required"]
 
 
 def test_top_level_that_is_not_a_mapping_lists_the_fields():
@@ -134,19 +142,19 @@ def test_missing_yaml_path_names_it(tmp_path):
 def test_bundled_suites_are_package_data_with_stable_paths():
     from importlib.resources import files
 
-    from harness.suites import find_suite
+    from fractalbench.harness.suites import find_suite
 
-    bundled = files("suites")
+    bundled = files("fractalbench.suites")
     assert list_suites() == sorted(p.name[:-5] for p in bundled.iterdir() if p.name.endswith(".yaml"))
     assert find_suite("smoke").read_bytes() == (bundled / "smoke.yaml").read_bytes()
     by_name, by_path = load_suite("smoke"), load_suite(str(bundled / "smoke.yaml"))
-    assert by_name.path == "suites/smoke.yaml" and by_name.digest == by_path.digest
+    assert by_name.path == "fractalbench/suites/smoke.yaml" and by_name.digest == by_path.digest
 
 
 def test_suite_holds_the_measurement_settings_types():
     from dataclasses import replace
 
-    from harness.metrics.settings import LatencySettings, MemorySettings
+    from fractalbench.harness.metrics.settings import LatencySettings, MemorySettings
 
     suite = parse_suite(with_(latency={"batch_sizes": [1, 8], "repeats": 7, "isolate": False, "timeout_s": 30},
                               memory={"batch_size": 4, "method": "ru_maxrss"}))
@@ -158,7 +166,7 @@ def test_suite_holds_the_measurement_settings_types():
 
 
 def test_sections_become_typed_values():
-    from harness.suites import PolicyConfig, sweep_train_config, train_config_for
+    from fractalbench.harness.suites import PolicyConfig, sweep_train_config, train_config_for
 
     sweep = {"attribute": "alpha", "values": [0.1, 1], "set": {"training_stage": "hybrid_rl"}, "train": {"lr": 0.01}}
     suite = parse_suite(with_(

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from harness._sweep import check_real_path, simulated_logits, spread_indices
-from harness.contract import executed_macs
-from harness.early_exit import EarlyExitNetwork
-from harness.evaluate import collect_exit_logits, run_policy
-from harness.policies import make_policy
+from fractalbench.harness._sweep import check_real_path, simulated_logits, spread_indices
+from fractalbench.harness.contract import executed_macs
+from fractalbench.harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.evaluate import collect_exit_logits, run_policy
+from fractalbench.harness.policies import make_policy
 
 
 def cascade() -> EarlyExitNetwork:

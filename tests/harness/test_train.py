@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from harness.data import DatasetConfig, load_dataset
-from harness.evaluate import collect_exit_logits, topk_accuracy
-from harness.registry import create_model
-from harness.train import TrainConfig, TrainingError, ddp_find_unused_parameters, train_model
+from fractalbench.harness.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from fractalbench.harness.data import DatasetConfig, load_dataset
+from fractalbench.harness.evaluate import collect_exit_logits, topk_accuracy
+from fractalbench.harness.registry import create_model
+from fractalbench.harness.train import TrainConfig, TrainingError, ddp_find_unused_parameters, train_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,9 +120,9 @@ def _train_cmd(nproc, out):
     args = ["--model", "linear", "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--no-augment",
             "--out", str(out)]
     if nproc == 1:
-        return [sys.executable, "-m", "harness.distributed", *args]
+        return [sys.executable, "-m", "fractalbench.harness.distributed", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "harness.distributed", *args]
+            "-m", "fractalbench.harness.distributed", *args]
 
 
 def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
@@ -160,7 +160,7 @@ def test_ddp_two_processes_train_a_moe_whose_experts_are_not_all_chosen(tmp_path
     args = ["--model", "moe_resnet20_top2", "--kwargs", kwargs, "--image-size", "4", "--epochs", "1",
             "--batch-size", "16", "--lr", "0.05", "--no-augment", "--out", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "harness.distributed", *args]
+           "-m", "fractalbench.harness.distributed", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out, weights_only=True)
@@ -169,7 +169,7 @@ def test_ddp_two_processes_train_a_moe_whose_experts_are_not_all_chosen(tmp_path
 
 
 def test_warmup_rises_linearly_then_the_cosine_runs_over_the_remaining_steps():
-    from harness.train import lr_factor, make_scheduler
+    from fractalbench.harness.train import lr_factor, make_scheduler
     # 2 epochs of 10 steps, warm-up 0.5 epoch = 5 steps: 1/5 .. 5/5, then cosine over 15 steps
     f = lr_factor(TrainConfig(epochs=2, warmup_epochs=0.5, schedule="cosine"), 10)
     assert [round(f(s), 12) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]

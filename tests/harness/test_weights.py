@@ -1,4 +1,4 @@
-"""Trained weights in (harness.weights): public layouts, hashes, URLs, fitting, normalisation, freezing."""
+"""Trained weights in (fractalbench.harness.weights): public layouts, hashes, URLs, fitting, normalisation, freezing."""
 from __future__ import annotations
 
 import functools
@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from harness import contract
-from harness.registry import create_model
-from harness.results import load_run
-from harness.runner import run_suite
-from harness.suites import load_suite, parse_suite
-from harness.train import TrainConfig, train_model
-from harness.weights import (
+from fractalbench.harness import contract
+from fractalbench.harness.registry import create_model
+from fractalbench.harness.results import load_run
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.suites import load_suite, parse_suite
+from fractalbench.harness.train import TrainConfig, train_model
+from fractalbench.harness.weights import (
     IMAGENET_MEAN,
     WeightsConfig,
     WeightsError,
@@ -272,7 +272,7 @@ def test_suite_weights_relative_to_the_suite_file_and_stored_with_the_cell(tmp_p
     assert meta["weights"]["sha256"] == hashlib.sha256((tmp_path / "w" / "mine.pt").read_bytes()).hexdigest()
     assert meta["weights"]["normalisation"] is None and meta["weights"]["loaded_into"] == "model"
     assert len(record[record.metric == "top1"]) == 1
-    from reports.html import write_report
+    from fractalbench.reports.html import write_report
 
     html = write_report(tmp_path / "run").read_text()
     assert "Trained weights the cells started from" in html and meta["weights"]["sha256"][:16] in html
@@ -311,7 +311,7 @@ def test_cell_weights_run_first_and_a_frozen_sdn_keeps_the_backbone_exactly(tmp_
 
 
 def test_a_cell_reference_that_names_no_entry_or_loops_is_a_suite_error(tmp_path):
-    from harness.suites import SuiteError
+    from fractalbench.harness.suites import SuiteError
 
     with pytest.raises(SuiteError, match="cell:nope: no model entry of this suite has that label"):
         parse_suite({"name": "x", "datasets": ["digits"], "models": [{"name": "resnet20", "weights": "cell:nope"}]})
@@ -333,7 +333,7 @@ def test_models_filter_keeps_the_entries_weights_come_from(tmp_path):
 # ----- freezing --------------------------------------------------------------------------------------
 
 def test_freeze_backbone_trains_only_the_heads_and_keeps_batchnorm_statistics():
-    from harness.data import DatasetConfig, load_dataset
+    from fractalbench.harness.data import DatasetConfig, load_dataset
 
     splits = load_dataset(DatasetConfig("digits", image_size=32))
     torch.manual_seed(0)
@@ -359,7 +359,7 @@ def test_freeze_backbone_of_a_static_model_is_refused_before_any_cell(tmp_path, 
 def test_declared_normalisation_replaces_the_training_split_statistics(tmp_path):
     """An image folder read through the weights' mean/std: the stored pixels are the same, so an
     image reads back as ``(pixel / 255 - mean) / std`` with the declared numbers."""
-    from harness.data import DatasetConfig, load_dataset, with_normalisation
+    from fractalbench.harness.data import DatasetConfig, load_dataset, with_normalisation
 
     write_image_folder(tmp_path / "img", size=8)
     splits = load_dataset(DatasetConfig("imagefolder", root=str(tmp_path / "img"), val_fraction=0.2))
@@ -399,7 +399,7 @@ def test_public_resnet20_as_loaded_scores_81_03_on_the_jpeg_test_split(tmp_path)
 
 
 def test_fit_weights_on_the_meta_device_checks_without_copying(trained20):
-    from harness.weights import read_state
+    from fractalbench.harness.weights import read_state
 
     _, path = trained20
     with torch.device("meta"):
@@ -434,7 +434,7 @@ def test_evaluate_with_weights_uses_their_normalisation_and_says_so(tmp_path, ca
 
 
 def test_benchmark_api_takes_weights_and_epochs_0_measures_them_as_loaded(tmp_path):
-    from harness.api import benchmark
+    from fractalbench.harness.api import benchmark
 
     torch.manual_seed(4)
     model = create_model("resnet20", in_chans=1)
@@ -466,7 +466,7 @@ def test_timm_pretrained_loads_timm_weights_and_their_normalisation(tmp_path):
     assert meta.get("weights"), meta.get("traceback")
     model = create_model("timm:resnet10t", num_classes=3)
     model.load_state_dict(source.state_dict())
-    from harness.weights import state_sha256
+    from fractalbench.harness.weights import state_sha256
 
     assert meta["weights"]["sha256"] == state_sha256(model)
     assert meta["weights"]["normalisation"]["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN)

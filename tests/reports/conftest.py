@@ -1,4 +1,4 @@
-"""Small run directories written with ``harness.results`` (RunStore/make_row), no training.
+"""Small run directories written with ``fractalbench.harness.results`` (RunStore/make_row), no training.
 
 ``build_run(path, **options)`` writes a run with one cell per model kind: a static ResNet, an
 early-exit BranchyNet (threshold sweep, budget point, exit histograms, per-exit latency, a policy
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness.metrics import summarize
-from harness.results import CellRecord, RunStore, make_row
+from fractalbench.harness.metrics import summarize
+from fractalbench.harness.results import CellRecord, RunStore, make_row
 
 
 def latency_samples(rng: np.random.Generator, median_ms: float, n: int) -> np.ndarray:
@@ -255,7 +255,7 @@ EVIL_SUITE = "smoke<b>bold</b>"
 def reported_run(tmp_path_factory) -> tuple[Path, Path]:
     """A full run whose labels, suite name and error text try to inject HTML, and its report
     (written once per session: (run directory, report.html))."""
-    from reports.html import write_report
+    from fractalbench.reports.html import write_report
 
     run = build_run(tmp_path_factory.mktemp("reported") / "run_evil", labels={"resnet20": EVIL_LABEL},
                     error_text=EVIL_ERROR, suite_name=EVIL_SUITE, extra=True)

@@ -8,14 +8,15 @@ each) has z-test p = 1.6e-5 and a drop upper limit of 9.37 points (99 % one-side
 for accuracy_points <= 9.37, not for 10. A 1.5-point drop (the old fixed rule's example) has
 p = 0.127 on 1000 samples: noise, no longer a regression."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import build_run, latency_samples, model_rows
 
-from harness.cli import main as cli_main
-from reports.compare import (
+from fractalbench.harness.cli import main as cli_main
+from fractalbench.reports.compare import (
     MACHINE_INDEPENDENT_METRICS,
     REGRESSION,
     Thresholds,
@@ -239,10 +240,10 @@ def test_compare_main_prints_writes_markdown_and_returns_exit_code(tmp_path, cap
 
 
 def test_cli_writes_a_filtered_baseline_and_takes_thresholds(tmp_path, capsys):
-    """`fractalbench baseline` / `compare` are the command lines (reports.compare has none of its own)."""
-    import reports.compare
+    """`fractalbench baseline` / `compare` are the command lines (fractalbench.reports.compare has none of its own)."""
+    import fractalbench.reports.compare
 
-    assert not hasattr(reports.compare, "main")
+    assert not hasattr(fractalbench.reports.compare, "main")
     base = build_run(tmp_path / "b", models=("resnet20",), failed=False, seed=1)
     cand = build_run(tmp_path / "c", models=("resnet20",), failed=False, seed=2, top1_shift=-6.0)
     assert cli_main(["baseline", str(base), str(tmp_path / "bl.json"), "--metrics", "top1", "macs", "params"]) == 0
@@ -426,10 +427,58 @@ def test_compare_exit_codes_in_a_real_process(tmp_path):
     repo = Path(__file__).resolve().parents[2]
 
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "harness.cli", "compare", *map(str, a)], cwd=repo,
+        return subprocess.run([sys.executable, "-m", "fractalbench", "compare", *map(str, a)], cwd=repo,
                               capture_output=True, text=True, timeout=120)
 
     assert run(base, cand).returncode == 1
     assert run(base, cand, "--accuracy-points", "10").returncode == 0
     bad = run(base, cand, "--p-value", "2")
     assert bad.returncode == 2 and bad.stderr.startswith("fractalbench: error: argument --p-value") and bad.stdout == ""
+
+
+# ----- a gate without holes (issue 24) ------------------------------------------------------------
+
+def test_a_model_missing_from_the_candidate_fails_unless_allowed(capsys):
+    """The finding: a model that silently dropped out of the candidate run was "missing", exit 0."""
+    result = compare(rows(1), rows(1, models=("resnet20",)))
+    (cell,) = [r for r in result.regressions if r.key["metric"] == "cell"]
+    assert cell.key["model"] == "branchynet" and "the candidate has no row of it" in cell.note
+    assert result.regressions == [cell]
+    allowed = compare(rows(1), rows(1, models=("resnet20",)), allow_missing=True)
+    assert not allowed.has_regression
+    assert any(r.key["metric"] == "cell" and r.status == "missing" for r in allowed.results)
+    assert compare_main(rows(1), rows(1, models=("resnet20",)), stream=sys.stdout) == 1
+    assert compare_main(rows(1), rows(1, models=("resnet20",)), stream=sys.stdout, allow_missing=True) == 0
+
+
+def test_exit_drift_toward_cheaper_exits_without_accuracy_loss_is_changed_not_a_regression():
+    """The finding: a histogram that moved toward earlier (cheaper) exits was a REGRESSION."""
+    cheaper = compare(rows(1), rows(1, exit_shift=-0.05, top1_shift=1.0))
+    hist = [r for r in cheaper.results if r.key["metric"] == "exit histogram" and r.p_value is not None
+            and r.p_value < 0.01]
+    assert hist and all(r.status == "changed" for r in hist), [(r.status, r.note) for r in hist]
+    assert not regressions(cheaper)
+    # toward cheaper exits but less accurate: the candidate pays for it
+    lossy = compare(rows(1), rows(1, exit_shift=-0.05))
+    assert {r.status for r in lossy.results if r.key["metric"] == "exit histogram" and r.p_value is not None
+            and r.p_value < 0.01} == {REGRESSION}
+    assert all("accuracy dropped" in r.note for r in regressions(lossy, "exit histogram"))
+    # toward costlier exits: expected MACs rose
+    costlier = regressions(compare(rows(1), rows(1, exit_shift=0.05, top1_shift=1.0)), "exit histogram")
+    assert costlier and all("expected MACs rose" in r.note for r in costlier)
+
+
+def test_latency_rule_as_the_readme_states_it():
+    """README: a regression needs p < p-value, an upper limit reaching the ratio and an estimate above
+    halfway to it; so x1.143 with an upper limit of x1.25 fails at ratio 1.2, x1.05 passes as
+    "slower" when significant, and a true x1.2 fails."""
+    from fractalbench.reports.compare import compare_summaries
+
+    mid = compare_summaries((10.0, 1.0, 200), (11.43, 1.0, 200), 1.2, 0.01)
+    assert 1.1 < mid.ratio < 1.2 and mid.ratio_high < 1.2 and not mid.regression and mid.significant
+    wide = compare_summaries((10.0, 4.0, 30), (11.43, 4.0, 30), 1.2, 0.3)
+    assert wide.ratio_high >= 1.2 and wide.p < 0.3 and wide.regression
+    small = compare_summaries((10.0, 0.5, 400), (10.5, 0.5, 400), 1.2, 0.01)
+    assert small.significant and not small.regression
+    true = compare_summaries((10.0, 1.0, 200), (12.0, 1.0, 200), 1.2, 0.01)
+    assert true.regression

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.outcomes import CellOutcomes, load_run_outcomes, outcomes_path
-from harness.results import CellRecord, RunStore, make_row
-from harness.runner import run_suite
-from harness.suites import parse_suite
-from reports._compare_stats import newcombe_interval, paired_difference, two_proportion_z
-from reports.compare import (
+from fractalbench.harness.outcomes import CellOutcomes, load_run_outcomes, outcomes_path
+from fractalbench.harness.results import CellRecord, RunStore, make_row
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.suites import parse_suite
+from fractalbench.reports._compare_stats import newcombe_interval, paired_difference, two_proportion_z
+from fractalbench.reports.compare import (
     IMPROVED,
     OK,
     REGRESSION,
@@ -226,7 +226,7 @@ def test_holm_many_rows_at_raw_p_just_under_the_level_are_not_regressions(tmp_pa
     assert top1(alone).status == REGRESSION and top1(alone).p_value == pytest.approx(1 / 128)
 
 
-# ----- real run directories (harness.runner.run_suite) ------------------------------------------------------
+# ----- real run directories (fractalbench.harness.runner.run_suite) -----------------------------------
 
 def tiny_suite(seed: int):
     raw = {"name": "t", "seed": seed, "datasets": [{"name": "digits", "image_size": 8}], "models": ["linear"],

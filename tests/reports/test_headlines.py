@@ -11,11 +11,11 @@ from conftest import CARDS, build_run, latency_row, model_rows
 from matplotlib.colors import to_rgb
 from matplotlib.container import ErrorbarContainer
 
-from harness.results import CellRecord, RunStore, make_row
-from harness.stats import accuracy_interval
-from reports import plots, tables
-from reports.html import write_report
-from reports.points import is_chosen
+from fractalbench.harness.results import CellRecord, RunStore, make_row
+from fractalbench.harness.stats import accuracy_interval
+from fractalbench.reports import plots, tables
+from fractalbench.reports.html import write_report
+from fractalbench.reports.points import is_chosen
 
 # The planted grid point: cheapest and most accurate of all, in MACs and in latency.
 GRID_TOP1, GRID_MACS, GRID_THRESHOLD = 99.37, 1_234_567, 0.42
@@ -244,7 +244,7 @@ def test_a_learned_attribute_point_with_the_best_validation_accuracy_is_the_chos
     assert list(chosen["policy"]) == ["alpha"] and chosen["accuracy"].item() == 68.35
     # the paper's claim beside it: the cheapest learned point within 1 point of the full 69 % is alpha 1.5
     # (68.35 %), which avoids 1 - 80/83 of the MACs: 3.6 %, not the claimed 30 %
-    from reports.claims import claims_table
+    from fractalbench.reports.claims import claims_table
 
     runs = tables.load_runs([tmp_path])
     claims = claims_table(runs, tables.combined_rows(runs))

@@ -1,4 +1,4 @@
-"""Each fractal pattern against the uniform control (reports.pattern_control), on a run directory
+"""Each fractal pattern against the uniform control (fractalbench.reports.pattern_control), on a run directory
 written by hand: counts, p-values and intervals computed by hand in the comments."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from harness.outcomes import CellOutcomes, outcomes_path
-from harness.results import CellRecord, RunStore, make_row, open_run
-from reports.html import write_report
-from reports.pattern_control import control_table
+from fractalbench.harness.outcomes import CellOutcomes, outcomes_path
+from fractalbench.harness.results import CellRecord, RunStore, make_row, open_run
+from fractalbench.reports.html import write_report
+from fractalbench.reports.pattern_control import control_table
 
 N = 100
 MACS = 18_766_904.0

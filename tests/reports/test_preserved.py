@@ -1,4 +1,4 @@
-"""Cost at preserved accuracy (reports.points.preserved_accuracy): the cheapest point chosen without
+"""Cost at preserved accuracy (fractalbench.reports.points.preserved_accuracy): the cheapest point chosen without
 test within 1 point of the full network, by hand-made rows whose answer is known: a cheaper test-grid
 point and a fitted point that loses more are passed over."""
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.results import CellRecord, RunStore, make_row
-from reports import tables
-from reports.html import write_report
+from fractalbench.harness.results import CellRecord, RunStore, make_row
+from fractalbench.reports import tables
+from fractalbench.reports.html import write_report
 
 M = 1_000_000
 

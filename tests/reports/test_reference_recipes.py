@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.registry import model_card
-from harness.runner import run_suite
-from harness.suites import parse_suite
-from reports import tables
-from reports.html import write_report
-from reports.reference import NO_PUBLISHED, dataset_matches, recipe_differences, suite_recipe, train_recipe
+from fractalbench.harness.registry import model_card
+from fractalbench.harness.runner import run_suite
+from fractalbench.harness.suites import parse_suite
+from fractalbench.reports import tables
+from fractalbench.reports.html import write_report
+from fractalbench.reports.reference import NO_PUBLISHED, dataset_matches, recipe_differences, suite_recipe, train_recipe
 
 TINY = {"name": "tiny_recipes", "datasets": [{"name": "digits", "image_size": 8}],
         "models": ["resnet20", {"name": "moe_resnet20_top2", "label": "moe", "train": {"lr": 0.02}}],

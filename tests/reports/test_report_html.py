@@ -6,11 +6,11 @@ import re
 import pytest
 from conftest import EVIL_ERROR, EVIL_LABEL, EVIL_SUITE, build_run, foreign_row
 
-from harness.cli import main as cli_main
-from harness.results import CellRecord, RunStore, make_row
-from reports import blocks
-from reports.html import CSP, environment, render_page, write_report
-from reports.tables import BRIEF_COLUMNS
+from fractalbench.harness.cli import main as cli_main
+from fractalbench.harness.results import CellRecord, RunStore, make_row
+from fractalbench.reports import blocks
+from fractalbench.reports.html import CSP, environment, render_page, write_report
+from fractalbench.reports.tables import BRIEF_COLUMNS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_vs_macs__digits16", "accuracy_vs_latency__digits16__cpu", "per_exit", "exit_histograms",
@@ -198,7 +198,7 @@ def test_cli_report_command(tmp_path, capsys):
 
 
 def test_a_failing_section_does_not_cost_the_report(tmp_path, monkeypatch):
-    from reports import tables
+    from fractalbench.reports import tables
 
     def broken(frame):
         raise RuntimeError("<boom>")
@@ -214,7 +214,7 @@ def test_a_failing_section_does_not_cost_the_report(tmp_path, monkeypatch):
 def test_the_suite_section_names_the_machines_the_cells_ran_on():
     from types import SimpleNamespace as Cell
 
-    from reports.sections import machines_of
+    from fractalbench.reports.sections import machines_of
 
     epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cpu_native_bf16": False, "torch_threads": 2}
     xeon = {"cpu": "Intel Xeon", "cpu_capability": "AVX512", "cpu_native_bf16": True, "gpu": "NVIDIA H200"}

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness.results import make_row
-from reports import tables
-from reports._compare_stats import seed_group_test
-from reports.compare import REGRESSION, compare
-from reports.seeds import aggregate_seeds, seed_table
+from fractalbench.harness.results import make_row
+from fractalbench.reports import tables
+from fractalbench.reports._compare_stats import seed_group_test
+from fractalbench.reports.compare import REGRESSION, compare
+from fractalbench.reports.seeds import aggregate_seeds, seed_table
 
 
 def _rows(values, metric="top1", exit=0, model="m", **extra):
@@ -72,9 +72,9 @@ def test_compare_of_seed_groups():
 
 
 def test_report_of_a_several_seed_run(tmp_path):
-    from harness.runner import run_suite
-    from harness.suites import parse_suite
-    from reports.html import write_report
+    from fractalbench.harness.runner import run_suite
+    from fractalbench.harness.suites import parse_suite
+    from fractalbench.reports.html import write_report
 
     raw = {"name": "t", "datasets": [{"name": "digits", "image_size": 8}], "models": ["linear"],
            "train": {"epochs": 1}, "metrics": ["accuracy"], "seeds": [0, 1, 2]}

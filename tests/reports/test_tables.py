@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import build_run, foreign_row
 
-from harness.results import CellRecord, RunStore, make_row
-from harness.stats import accuracy_interval
-from reports import tables
+from fractalbench.harness.results import CellRecord, RunStore, make_row
+from fractalbench.harness.stats import accuracy_interval
+from fractalbench.reports import tables
 
 
 def frame_of(run: Path):
@@ -162,7 +162,7 @@ def test_format_value():
 def test_reference_keys_with_input_size_match_only_that_size():
     import pandas as pd
 
-    from harness.results import make_row as row
+    from fractalbench.harness.results import make_row as row
 
     f = {"model": "m", "dataset": "cifar10", "device": "cpu", "cell_id": "c", "batch_size": 1}
     rows = [row("macs", 100, "MACs", exit=0, detail={"input_shape": [1, 3, 32, 32]}, **f),

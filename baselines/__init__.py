@@ -1,2 +1,0 @@
-"""Baseline model families, one file each. Every module here is imported by
-``harness.registry.discover()``; its ``@register_model`` builders become available by name."""

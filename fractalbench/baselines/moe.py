@@ -1,0 +1,409 @@
+"""Mixture-of-Experts image classifiers on a CIFAR ResNet backbone.
+
+Routers:
+
+- ``"noisy_topk"``: sparsely-gated noisy top-k gating (Shazeer et al., "Outrageously Large Neural
+  Networks: The Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017). ``H = z W_g + eps *
+  softplus(z W_noise)`` (noise, ``eps ~ N(0, 1)``, only in training mode; the std has
+  ``noise_epsilon`` added, as in tensor2tensor), keep the top k of H and take the softmax over
+  those k: the gate values. Auxiliary losses: ``importance = w_importance * CV(Importance)^2`` with
+  Importance_e = sum over tokens of gate value e, and ``load = w_load * CV(Load)^2`` with the smooth
+  estimator Load_e = sum over tokens of ``Phi((clean_e - kth_excluding(H, k, e)) / std_e)`` in
+  training (in eval mode, without noise: the number of tokens with a nonzero gate). CV^2 =
+  population variance / mean^2 (``cv_squared``).
+- ``"switch"``: Switch-Transformer top-1 routing (Fedus et al., "Switch Transformers", JMLR 2022).
+  The softmax is taken over all experts first, the expert is the argmax, and its output is scaled
+  by its probability (a softmax after selecting one expert would be constantly 1 and leave the
+  router without gradient). Auxiliary loss ``load_balancing = w_balance * E * sum_e f_e P_e``: f_e
+  the fraction of tokens whose argmax is e (before capacity), P_e the mean router probability.
+
+Layers and tokens. Experts are token-wise feed-forward layers (two 1x1 convolutions, written as
+``Linear(C, r C) -> ReLU -> Linear(r C, C)``) routed per spatial position: the tokens of a sample
+are the H x W positions of its feature map. An MoE layer is pre-norm residual:
+``h_t + sum_s w_{t,s} expert_{e_{t,s}}(LN(h_t))``. ``moe_layers`` MoE layers follow the last
+``moe_layers`` blocks of stage 3 of a CIFAR ResNet (64 channels, all at the same resolution, so
+every layer has the same T tokens: 64 at 32x32, 16 at 16x16).
+
+Capacity (``capacity_factor``, None = unlimited) is per sample: each expert takes at most
+``ceil(capacity_factor * k * T / E)`` of one sample's T tokens, so a sample's routing never
+depends on the other samples in its batch (batch-1 and batched decisions agree). Assignments are
+admitted in priority order: all first choices in raster order, then the second choices, ...;
+those past capacity are dropped (that token/choice adds nothing; the token passes through the
+residual; the kept choices are not renormalised).
+
+Dispatch. ``mode="compact"``: for each expert, gather the (sample, token) pairs routed to it, run
+it on those only, scale, scatter-add back; unchosen experts never run. ``mode="mask"``: the
+labelled variant, every expert on every token, combined with the routing weights.
+
+Trace. ``experts``: LongTensor [N, L, T*k], expert of layer l for (token t, choice s) at index
+``t*k + s`` (-1 = dropped); for top-1 that is [N, L, T]. ``unit_counts``: ``base`` = 1 and
+``layer{l}_expert{e}`` = how many of sample n's tokens expert e of layer l processed (T for every
+expert in mask mode). Cost units: ``base`` = a forward in which every layer routes but no expert
+runs (stem, backbone, norms, routers, head: the router belongs to base; the noise projection is
+not run at inference); ``layer{l}_expert{e}`` = base plus expert e of layer l on one token, so
+its MACs are per token: 2 r C^2. Cost roles: the router (and noise) projections of every MoE
+layer are routers, the classifier (``backbone.head``) is the exit head, the rest (experts
+included) is backbone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fractalbench.baselines.resnet import CifarResNet
+from fractalbench.harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
+from fractalbench.harness.policies import decision_threshold
+from fractalbench.harness.registry import ModelCard, register_model
+
+ROUTERS = ("noisy_topk", "switch")
+ROUTER_INITS = ("zero", "fedus", "torch")
+"""How router (and noise) projections start: ``zero`` (Shazeer et al.: W_g = W_noise = 0, so routing
+starts uniform and only the noise spreads tokens), ``fedus`` (Switch Transformers: truncated normal,
+std sqrt(0.1 / fan_in)), ``torch`` (nn.Linear's default uniform init, this build's earlier choice,
+which routes unevenly from the first step)."""
+SHAZEER = "Shazeer et al., Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer, ICLR 2017"
+FEDUS = "Fedus et al., Switch Transformers: Scaling to Trillion Parameter Models, JMLR 2022"
+
+
+# ----- balancing losses (pure functions, tested by hand) -------------------------------------------
+
+def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation: population variance / (mean^2 + eps) (tensor2tensor)."""
+    x = x.float()
+    mean = x.mean()
+    return ((x - mean) ** 2).mean() / (mean ** 2 + eps)
+
+
+def importance(gates: Tensor) -> Tensor:
+    """Importance_e = sum over tokens of the gate value of expert e. gates: dense [tokens, E]."""
+    return gates.sum(0)
+
+
+def smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tensor:
+    """Shazeer's differentiable load estimate [E]: sum over tokens of P(e in top-k), where
+    ``P = Phi((clean_e - kth_excluding(noisy, k, e)) / std_e)``. All inputs: [tokens, E]; needs E > k.
+
+    kth_excluding(noisy, k, e) is the k-th largest noisy logit among the other experts: the
+    (k+1)-th largest overall if e is in the top k, else the k-th largest."""
+    top = noisy.topk(k + 1, dim=-1).values
+    threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
+    is_in = noisy > threshold_if_in
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+    prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+    return torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+
+
+def switch_balancing_loss(probs: Tensor, choice: Tensor) -> Tensor:
+    """Switch load-balancing loss ``E * sum_e f_e * P_e``. probs: softmax over all experts [tokens, E];
+    choice: argmax expert per token [tokens] (before capacity). 1.0 when perfectly balanced."""
+    e = probs.shape[-1]
+    f = F.one_hot(choice, e).float().mean(0)
+    return e * (f * probs.mean(0)).sum()
+
+
+# ----- the MoE layer ---------------------------------------------------------------------------------
+
+@dataclass
+class Routing:
+    """One layer's routing of a batch. Token axes are [N, T]; ``assign`` [N, T, k] (-1 dropped)."""
+
+    assign: Tensor
+    weights: Tensor
+    clean_logits: Tensor
+    noisy_logits: Tensor
+    noise_std: Tensor | None
+    probs: Tensor | None  # switch: softmax over all experts
+
+
+class Expert(nn.Module):
+    """Token-wise feed-forward expert (two 1x1 convs): Linear(C, rC) -> ReLU -> Linear(rC, C)."""
+
+    def __init__(self, channels: int, expansion: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, expansion * channels)
+        self.fc2 = nn.Linear(expansion * channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class MoELayer(nn.Module):
+    """Pre-norm residual MoE over the spatial tokens of a feature map [N, C, H, W]."""
+
+    def __init__(self, channels: int, num_experts: int, k: int, router: str = "noisy_topk", expansion: int = 4,
+                 capacity_factor: float | None = None, noise_epsilon: float = 1e-2) -> None:
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router {router!r} is not one of {', '.join(ROUTERS)}")
+        if router == "switch" and k != 1:
+            raise ValueError(f"the switch router routes each token to 1 expert, got k={k}")
+        if not 1 <= k <= num_experts or (router == "noisy_topk" and k >= num_experts):
+            raise ValueError(f"need 1 <= k < num_experts for noisy top-k (k <= num_experts for switch), got k={k}, "
+                             f"num_experts={num_experts}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
+        self.num_experts, self.k, self.router_type = num_experts, k, router
+        self.capacity_factor, self.noise_epsilon = capacity_factor, noise_epsilon
+        self.norm = nn.LayerNorm(channels)
+        self.router = nn.Linear(channels, num_experts, bias=False)
+        self.noise = nn.Linear(channels, num_experts, bias=False) if router == "noisy_topk" else None
+        self.experts = nn.ModuleList(Expert(channels, expansion) for _ in range(num_experts))
+
+    def init_router(self, how: str) -> None:
+        """Initialise the router and noise projections (see :data:`ROUTER_INITS`)."""
+        if how not in ROUTER_INITS:
+            raise ValueError(f"router_init {how!r} is not one of {', '.join(ROUTER_INITS)}")
+        for linear in (self.router, self.noise):
+            if linear is None or how == "torch":
+                continue
+            if how == "zero":
+                nn.init.zeros_(linear.weight)
+            else:
+                std = math.sqrt(0.1 / linear.in_features)
+                nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+
+    def capacity(self, tokens: int) -> int | None:
+        """Per-sample capacity of each expert: ceil(capacity_factor * k * T / E) (None: unlimited)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * self.k * tokens / self.num_experts))
+
+    def route(self, z: Tensor, noisy: bool) -> Routing:
+        """Routing of tokens z [N, T, C]; ``noisy`` adds Shazeer's noise (training)."""
+        clean = self.router(z)
+        noise_std = None
+        if self.router_type == "switch":
+            probs = clean.softmax(-1)
+            weights, choice = probs.max(-1, keepdim=True)
+            logits = clean
+        else:
+            probs = None
+            logits = clean
+            if noisy:
+                noise_std = F.softplus(self.noise(z)) + self.noise_epsilon
+                logits = clean + torch.randn_like(clean) * noise_std
+            top_vals, choice = logits.topk(self.k, dim=-1)
+            weights = top_vals.softmax(-1)
+        assign = self._apply_capacity(choice)
+        return Routing(assign, weights, clean, logits, noise_std, probs)
+
+    def _apply_capacity(self, choice: Tensor) -> Tensor:
+        cap = self.capacity(choice.shape[1])
+        if cap is None:
+            return choice
+        n, t, k = choice.shape
+        one_hot = F.one_hot(choice, self.num_experts)  # [N, T, k, E]
+        order = one_hot.transpose(1, 2).reshape(n, k * t, self.num_experts)  # choice-major, then raster
+        position = ((order.cumsum(1) - 1) * order).sum(-1)  # rank of each assignment at its expert
+        keep = (position < cap).reshape(n, k, t).transpose(1, 2)
+        return torch.where(keep, choice, torch.full_like(choice, -1))
+
+    def forward(self, h: Tensor, mode: str = "compact", probe: int | None = None, noisy: bool | None = None,
+                min_weight: float = 0.0) -> tuple[Tensor, Routing]:
+        """Returns the new feature map and the routing. ``probe``: cost probing; route, run no
+        expert (-1) or expert ``probe`` on one token, and return ``h`` unchanged. ``min_weight``:
+        (token, choice) pairs whose routing weight is below it are dropped like capacity drops."""
+        n, c, hh, ww = h.shape
+        tokens = h.flatten(2).transpose(1, 2)  # [N, T, C]
+        z = self.norm(tokens)
+        routing = self.route(z, self.training if noisy is None else noisy)
+        if min_weight > 0:
+            routing.assign = torch.where(routing.weights >= min_weight, routing.assign, -1)
+        if probe is not None:
+            if probe >= 0:
+                self.experts[probe](z.reshape(-1, c)[:1])
+            return h, routing
+        flat_z = z.reshape(-1, c)
+        assign = routing.assign.reshape(n * hh * ww, -1)
+        weights = routing.weights.reshape(n * hh * ww, -1)
+        out = tokens.reshape(-1, c)
+        for e, expert in enumerate(self.experts):
+            chosen = assign == e  # [N*T, k]
+            if mode == "mask":
+                out = out + expert(flat_z) * (weights * chosen).sum(1, keepdim=True)
+                continue
+            tok, slot = chosen.nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, expert(flat_z[tok]) * weights[tok, slot, None])
+        return out.reshape(n, hh * ww, c).transpose(1, 2).reshape(n, c, hh, ww), routing
+
+
+# ----- the classifier --------------------------------------------------------------------------------
+
+class MoEResNet(DynamicModel):
+    """CIFAR ResNet-(6n+2) with ``moe_layers`` MoE layers after the last blocks of stage 3."""
+
+    dynamic_kind = "routed"
+    num_exits = 1
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, *, router: str = "noisy_topk",
+                 num_experts: int = 4, k: int = 2, expansion: int = 4, moe_layers: int = 2,
+                 capacity_factor: float | None = None, importance_weight: float = 0.1, load_weight: float = 0.1,
+                 balance_weight: float = 0.01, noise_epsilon: float = 1e-2, router_init: str | None = None) -> None:
+        super().__init__()
+        self.backbone = CifarResNet(depth, num_classes, in_chans)
+        stage3 = len(self.backbone.layer3)
+        if not 1 <= moe_layers <= stage3:
+            raise ValueError(f"moe_layers must be in 1..{stage3} (blocks of stage 3), got {moe_layers}")
+        width = self.backbone.widths[-1]
+        self.moe_after = tuple(range(stage3 - moe_layers, stage3))  # block indices in stage 3
+        self.moe = nn.ModuleList(MoELayer(width, num_experts, k, router, expansion, capacity_factor, noise_epsilon)
+                                 for _ in range(moe_layers))
+        self.router_init = router_init or ("zero" if router == "noisy_topk" else "fedus")
+        for layer in self.moe:
+            layer.init_router(self.router_init)
+        self.router_type, self.num_experts, self.k = router, num_experts, k
+        # MACs by role (fractalbench.harness.contract.cost_roles); the switch router has no noise projection
+        self.cost_roles = {"heads": ("backbone.head",),
+                           "routers": ("moe.*.router",) + (("moe.*.noise",) if router == "noisy_topk" else ())}
+        self.importance_weight, self.load_weight, self.balance_weight = importance_weight, load_weight, balance_weight
+
+    def dense_backbone(self) -> CifarResNet:
+        """The ResNet the MoE layers are inserted into (a ResNet checkpoint loads into it)."""
+        return self.backbone
+
+    def on_backbone_loaded(self) -> None:
+        """Sparse upcycling (Komatsuzaki et al., ICLR 2023) from a dense ResNet: every expert's output
+        layer starts at zero, so each MoE layer adds nothing and the model computes exactly the dense
+        network's function (the dense network's feed-forward at each MoE position is the identity
+        residual, copied into every expert as the zero map); the routers keep their initialisation,
+        and the experts' first layers their random ones, which break the experts' symmetry."""
+        for layer in self.moe:
+            for expert in layer.experts:
+                nn.init.zeros_(expert.fc2.weight)
+                nn.init.zeros_(expert.fc2.bias)
+
+    def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0
+             ) -> tuple[Tensor, list[Routing]]:
+        b = self.backbone
+        h = b.layer2(b.layer1(b.stem(x)))
+        routings: list[Routing] = []
+        for j, block in enumerate(b.layer3):
+            h = block(h)
+            if j in self.moe_after:
+                layer = len(routings)
+                p = None if probe is None else (probe[1] if probe[0] == layer else -1)
+                h, routing = self.moe[layer](h, mode, p, min_weight=min_weight)
+                routings.append(routing)
+        return b.head(h), routings
+
+    def _trace(self, x: Tensor, routings: list[Routing], mode: str) -> Trace:
+        n = x.shape[0]
+        counts = {"base": torch.ones(n, device=x.device)}
+        for layer, r in enumerate(routings):
+            tokens = r.assign.shape[1]
+            for e in range(self.num_experts):
+                counts[f"layer{layer}_expert{e}"] = (torch.full((n,), float(tokens), device=x.device) if mode == "mask"
+                                                 else (r.assign == e).flatten(1).sum(1).float())
+        experts = torch.stack([r.assign.flatten(1) for r in routings], 1)
+        return Trace(torch.zeros(n, dtype=torch.long, device=x.device), counts, experts=experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x)[0]
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        return [self.forward(x)]
+
+    def forced_forward(self, x: Tensor, exit_index: int) -> Tensor:
+        """The only exit: the routed forward (each token runs its chosen experts)."""
+        check_exit_index(self, exit_index)
+        return self.forward(x)
+
+    def dynamic_forward(self, x: Tensor, policy: Any = None, mode: str = "compact") -> DynamicOutput:
+        """Logits and trace; the routers decide. ``policy``: None (every chosen expert runs) or a
+        ``decision_threshold`` t: a chosen expert runs on a token only when its weight is >= t."""
+        logits, routings = self._run(x, check_mode(mode), min_weight=decision_threshold(policy, 0.0))
+        return DynamicOutput(logits, self._trace(x, routings, mode))
+
+    def loss_terms(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``cross_entropy`` plus ``importance`` and ``load`` (noisy top-k) or ``load_balancing``
+        (switch), each summed over the MoE layers, over all tokens of the batch."""
+        logits, routings = self._run(x)
+        terms = {"cross_entropy": F.cross_entropy(logits, y)}
+        e = self.num_experts
+        if self.router_type == "switch":
+            losses = [switch_balancing_loss(r.probs.reshape(-1, e), r.clean_logits.reshape(-1, e).argmax(-1))
+                      for r in routings]
+            terms["load_balancing"] = self.balance_weight * sum(losses)
+            return terms
+        imp, load = [], []
+        for r in routings:
+            flat = r.noisy_logits.reshape(-1, e)
+            top_vals, top_idx = flat.topk(self.k, dim=-1)
+            dense = torch.zeros_like(flat).scatter(1, top_idx, top_vals.softmax(-1))  # gate values, pre-capacity
+            imp.append(cv_squared(importance(dense)))
+            if r.noise_std is not None:
+                std = r.noise_std.reshape(-1, e)
+                load.append(cv_squared(smooth_load(r.clean_logits.reshape(-1, e), flat, std, self.k)))
+            else:
+                load.append(cv_squared((dense > 0).float().sum(0)))
+        terms["importance"] = self.importance_weight * sum(imp)
+        terms["load"] = self.load_weight * sum(load)
+        return terms
+
+    def cost_units(self) -> list[CostUnit]:
+        units = [CostUnit("base", lambda x: self._run(x, probe=(-1, -1)))]
+        units += [CostUnit(f"layer{layer}_expert{e}", lambda x, layer=layer, e=e: self._run(x, probe=(layer, e)),
+                           baseline="base")
+                  for layer in range(len(self.moe)) for e in range(self.num_experts)]
+        return units
+
+    def active_parameters(self) -> int:
+        """Parameters on one token's inference path: every parameter outside the expert banks
+        except the routers' training-only noise projections, plus k experts per MoE layer.
+        (A sample's different tokens may use different experts; this is the per-token count, the
+        usual MoE definition.)"""
+        total = sum(p.numel() for p in self.parameters())
+        for layer in self.moe:
+            total -= sum(p.numel() for p in layer.experts.parameters())
+            if layer.noise is not None:
+                total -= layer.noise.weight.numel()
+            sizes = sorted((sum(p.numel() for p in ex.parameters()) for ex in layer.experts), reverse=True)
+            total += sum(sizes[:layer.k])
+        return total
+
+
+def expert_histogram(trace: Trace, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Expert load from a trace: counts [L, E] of assignments per expert and dropped [L]."""
+    if trace.experts is None:
+        raise ValueError("this trace has no expert assignments (not from a routed model)")
+    ex = trace.experts.transpose(0, 1).reshape(trace.experts.shape[1], -1)  # [L, N*T]
+    counts = torch.stack([torch.bincount(row[row >= 0], minlength=num_experts) for row in ex])
+    return counts, (ex < 0).sum(1)
+
+
+def _card(paper: str, notes: str) -> ModelCard:
+    return ModelCard(family="moe", paper=paper, dynamic_kind="routed", input_size=32, reference={},
+                     reference_source="no published CIFAR numbers for this build (the papers are language models)",
+                     notes=notes, paper_recipe="none: the papers train language models and give no CIFAR recipe; "
+                     "a suite states its own")
+
+
+@register_model(card=_card(SHAZEER, "ResNet-20 + 2 token-wise MoE FFN layers (4 experts, expansion 4) after the last "
+                                    "two blocks of stage 3; noisy top-2 gating, no capacity limit; importance and load "
+                                    "losses (w=0.1); router and noise projections start at zero as in the paper "
+                                    "(router_init='torch': nn.Linear's default)."))
+def moe_resnet20_top2(*, num_classes: int = 10, in_chans: int = 3, num_experts: int = 4, k: int = 2, expansion: int = 4,
+                      moe_layers: int = 2, capacity_factor: float | None = None, importance_weight: float = 0.1,
+                      load_weight: float = 0.1, router_init: str = "zero") -> MoEResNet:
+    return MoEResNet(20, num_classes, in_chans, router="noisy_topk", num_experts=num_experts, k=k, expansion=expansion,
+                     moe_layers=moe_layers, capacity_factor=capacity_factor, importance_weight=importance_weight,
+                     load_weight=load_weight, router_init=router_init)
+
+
+@register_model(card=_card(FEDUS, "ResNet-20 + 2 token-wise MoE FFN layers (4 experts, expansion 4) after the last two "
+                                  "blocks of stage 3; Switch top-1 routing, capacity factor 1.25 per sample's tokens; "
+                                  "load-balancing loss (w=0.01); router starts from a truncated normal with std "
+                                  "sqrt(0.1 / fan_in) as in the paper (router_init='torch': nn.Linear's default)."))
+def switch_resnet20(*, num_classes: int = 10, in_chans: int = 3, num_experts: int = 4, expansion: int = 4,
+                    moe_layers: int = 2, capacity_factor: float | None = 1.25,
+                    balance_weight: float = 0.01, router_init: str = "fedus") -> MoEResNet:
+    return MoEResNet(20, num_classes, in_chans, router="switch", num_experts=num_experts, k=1, expansion=expansion,
+                     moe_layers=moe_layers, capacity_factor=capacity_factor, balance_weight=balance_weight,
+                     router_init=router_init)
