@@ -44,7 +44,11 @@ class RunSummary:
 
 # Suite keys that do not change any cell's numbers (they only name, describe or choose cells, or say
 # what a cluster job asks for; the seed of a cell of a several-seed suite is part of its own identity).
-_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds", "resources")
+# ``compare`` holds the regression thresholds of `fractalbench compare`: no cell's number depends on them.
+_NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds", "resources", "compare")
+# Suite keys that decide how a trained model is measured, not how it is trained: a change of only these
+# keeps a finished cell's checkpoint, and the cell is measured again from it (no retraining).
+MEASUREMENT_KEYS = ("evaluate", "metrics", "latency", "memory", "cost", "policies", "budgets")
 
 
 def _raw_label(entry: Any) -> str:
@@ -54,14 +58,17 @@ def _raw_label(entry: Any) -> str:
     return str(entry)
 
 
-def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, str]:
+def cell_digests(suite: Suite, devices: list[str] | None = None, part: str = "all") -> dict[str, str]:
     """cell id -> digest of everything in the suite file that decides that cell's numbers: its model
     entry (found by its label in the whole suite as written, whatever ``--models`` kept), the entries
     it takes weights from (``cell:LABEL``), its dataset entry and every shared section (train,
     evaluate, metrics, policies, seed...). Editing one model's entry changes only that model's cells
     and those built on them."""
     raw = suite.raw
-    shared = {k: v for k, v in raw.items() if k not in _NOT_IN_CELL_DIGEST}
+    if part not in ("all", "training"):
+        raise ValueError(f"part must be 'all' or 'training', got {part!r}")
+    shared = {k: v for k, v in raw.items() if k not in _NOT_IN_CELL_DIGEST
+              and (part == "all" or k not in MEASUREMENT_KEYS)}
     raw_models = {_raw_label(m): m for m in raw.get("models") or []}
     raw_datasets = list(raw.get("datasets") or [])
     out = {}
@@ -81,7 +88,9 @@ def cell_digests(suite: Suite, devices: list[str] | None = None) -> dict[str, st
 def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -> None:
     """Refuse to mix two suites in one run directory; for a new version of the same suite, keep the
     finished cells whose identity (:func:`cell_digests`) is unchanged and move the others (cell file
-    and artifacts, checkpoints included) to ``stale/<old digest>/`` so that they run again."""
+    and artifacts, checkpoints included) to ``stale/<old digest>/`` so that they run again; a cell
+    whose training identity is unchanged (only :data:`MEASUREMENT_KEYS` differ) keeps its checkpoint
+    and is measured again from it."""
     old = store.read_meta("suite.json")
     if not old or old.get("digest") == suite.digest:
         return
@@ -94,21 +103,32 @@ def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -
     except SuiteError:
         raise SuiteError(refusal) from None
     now = cell_digests(suite)
+    trained_before = cell_digests(parse_suite(old["content"], str(old.get("path", "suite.json"))), part="training")
+    trained_now = cell_digests(suite, part="training")
     for path in sorted(store.cells_dir.glob("*.json")) if store.cells_dir.is_dir() else ():
         cell_id = path.stem
         if cell_id in now and before.get(cell_id) == now[cell_id]:
+            continue
+        if cell_id in trained_now and trained_before.get(cell_id) == trained_now[cell_id]:
+            stale = _set_aside(store, cell_id, str(old.get("digest")), keep_artifacts=True)
+            echo(f"{cell_id}: only the measurement settings changed; the old result is in {stale}, the cell is "
+                 "measured again from its checkpoint (no retraining)")
             continue
         stale = _set_aside(store, cell_id, str(old.get("digest")))
         echo(f"{cell_id}: its suite entry changed; the old result is in {stale}, the cell runs again")
 
 
-def _set_aside(store: RunStore, cell_id: str, folder: str) -> Path:
+def _set_aside(store: RunStore, cell_id: str, folder: str, keep_artifacts: bool = False) -> Path:
     """Move a finished cell's record, outcomes and artifacts (checkpoints included) to
-    ``stale/<folder>/``, so that it runs again from scratch; the folder."""
+    ``stale/<folder>/``, so that it runs again from scratch (``keep_artifacts``: its checkpoints stay,
+    so its training resumes at its last epoch and only the measurements run again); the folder."""
     stale = store.run_dir / "stale" / folder
     stale.mkdir(parents=True, exist_ok=True)
     store.cell_path(cell_id).replace(stale / store.cell_path(cell_id).name)
-    for kept in (store.run_dir / "artifacts" / cell_id, outcomes_path(store.run_dir, cell_id)):
+    moved = [outcomes_path(store.run_dir, cell_id)]
+    if not keep_artifacts:
+        moved.insert(0, store.run_dir / "artifacts" / cell_id)
+    for kept in moved:
         if kept.exists():
             (stale / kept.parent.name).mkdir(exist_ok=True)
             target = stale / kept.parent.name / kept.name

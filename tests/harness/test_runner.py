@@ -95,6 +95,28 @@ def test_an_edited_suite_reruns_only_the_cells_whose_entry_changed(tmp_path):
     assert third.finished == ["noop__digits8__cpu", "linear__digits8__cpu"]  # a shared setting: every cell
 
 
+def test_a_measurement_setting_remeasures_from_the_checkpoint_and_compare_thresholds_change_nothing(tmp_path):
+    """budgets, policies, latency... decide how a trained model is measured: a change of only these
+    keeps every checkpoint and measures again (no retraining); `compare` thresholds keep the cells."""
+    first = run_suite(suite(["sdn:resnet20"], metrics=["accuracy", "cost", "sweep"]), tmp_path)
+    assert first.finished == ["sdn-resnet20__digits8__cpu"]
+    checkpoint = tmp_path / "artifacts" / "sdn-resnet20__digits8__cpu" / "model.pt"
+    trained = checkpoint.read_bytes()
+    messages = []
+    second = run_suite(suite(["sdn:resnet20"], metrics=["accuracy", "cost", "sweep"], budgets=[0.5]), tmp_path,
+                       echo=messages.append)
+    assert second.finished == ["sdn-resnet20__digits8__cpu"]
+    assert any("only the measurement settings changed" in m and "no retraining" in m for m in messages)
+    assert checkpoint.read_bytes() == trained
+    frame = load_run(tmp_path)
+    train = frame[frame.metric == "train_seconds"].detail.map(json.loads).iloc[0]
+    assert train["resumed_from_epoch"] == train["epochs"] == 1  # resumed after its last epoch: no step ran
+    assert "confidence@budget0.5" in set(frame["policy"])  # the new measurement is there
+    third = run_suite(suite(["sdn:resnet20"], metrics=["accuracy", "cost", "sweep"], budgets=[0.5],
+                            compare={"accuracy_points": 2.0}), tmp_path)
+    assert third.skipped == ["sdn-resnet20__digits8__cpu"]
+
+
 def test_editing_one_entry_then_running_another_with_models_keeps_the_unchanged_cell(tmp_path):
     """Only linear's entry changed; ``--models resnet20`` (with_models) must not take resnet20's
     unchanged cell for a changed one (the digests are looked up by label in the whole suite)."""
