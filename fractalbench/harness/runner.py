@@ -102,9 +102,10 @@ def _check_run_dir(store: RunStore, suite: Suite, echo: Callable[[str], None]) -
         before = cell_digests(parse_suite(old["content"], str(old.get("path", "suite.json"))))
     except SuiteError:
         raise SuiteError(refusal) from None
-    now = cell_digests(suite)
+    whole = parse_suite(suite.raw, suite.path) if suite.raw else suite  # every model, whatever --models kept
+    now = cell_digests(whole)
     trained_before = cell_digests(parse_suite(old["content"], str(old.get("path", "suite.json"))), part="training")
-    trained_now = cell_digests(suite, part="training")
+    trained_now = cell_digests(whole, part="training")
     for path in sorted(store.cells_dir.glob("*.json")) if store.cells_dir.is_dir() else ():
         cell_id = path.stem
         if cell_id in now and before.get(cell_id) == now[cell_id]:

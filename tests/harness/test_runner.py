@@ -130,6 +130,28 @@ def test_editing_one_entry_then_running_another_with_models_keeps_the_unchanged_
     assert not list((tmp_path / "stale").glob("*/resnet20__digits8__cpu.json"))
 
 
+def test_models_not_chosen_by_models_keep_their_unchanged_cells(tmp_path):
+    """A shared measurement setting changed and `--models linear` runs: noop's and resnet20's cells
+    are not run now, but they are judged against the whole suite: their checkpoints stay (they are
+    measured again when they next run), nothing of theirs moves as if their entry had changed."""
+    run_suite(suite(["noop", "linear", "resnet20"]), tmp_path)
+    checkpoint = tmp_path / "artifacts" / "resnet20__digits8__cpu" / "model.pt"
+    trained = checkpoint.read_bytes()
+    messages = []
+    second = run_suite(suite(["noop", {"name": "linear", "train": {"epochs": 2}}, "resnet20"],
+                             evaluate={"batch_size": 100}).with_models(["linear"]), tmp_path, echo=messages.append)
+    assert second.finished == ["linear__digits8__cpu"]
+    assert checkpoint.read_bytes() == trained
+    assert not any("resnet20__digits8__cpu: its suite entry changed" in m for m in messages)
+    assert any("resnet20__digits8__cpu: only the measurement settings changed" in m for m in messages)
+    third = run_suite(suite(["noop", {"name": "linear", "train": {"epochs": 2}}, "resnet20"],
+                            evaluate={"batch_size": 100}), tmp_path)
+    assert third.skipped == ["linear__digits8__cpu"] and sorted(third.finished) == ["noop__digits8__cpu",
+                                                                                   "resnet20__digits8__cpu"]
+    train = load_run(tmp_path).query("metric == 'train_seconds' and model == 'resnet20'").detail.map(json.loads)
+    assert train.iloc[0]["resumed_from_epoch"] == 1  # measured again from its checkpoint, not retrained
+
+
 def test_editing_an_entry_reruns_the_cells_built_on_its_weights(tmp_path):
     base = [{"name": "resnet20", "label": "r20"},
             {"name": "sdn:resnet20", "label": "s", "weights": "cell:r20", "train": {"freeze": "backbone"}}, "linear"]
