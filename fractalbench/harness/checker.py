@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fractalbench.harness import contract
+from fractalbench.harness.early_exit import leading_rows
 from fractalbench.harness.metrics import flops
 from fractalbench.harness.policies import ConfidencePolicy, DecisionThreshold, ExitPolicy
 
@@ -388,7 +389,7 @@ def _stage_rows(ctx: CheckContext) -> tuple[list[str], bool]:
 
     def hook(name: str) -> Callable[..., None]:
         def count(module: nn.Module, args: tuple, out: Any) -> None:
-            rows[name] += int(args[0].shape[0]) if args and isinstance(args[0], Tensor) else 0
+            rows[name] += leading_rows(args[0]) if args else 0
         return count
 
     handles = [m.register_forward_hook(hook(f"{part} {k}"))

@@ -10,6 +10,7 @@ last exit's classifier too); the stages are the backbone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,32 @@ from torch import Tensor, nn
 from fractalbench.harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
 from fractalbench.harness.policies import ExitPolicy, default_policy
 
+Features = Tensor | list | tuple  # what a stage passes on: one tensor, or several (e.g. one per scale)
+
+
+def select_rows(h: Features, keep: Tensor) -> Features:
+    """The samples ``keep`` (a boolean mask or an index) of features ``h``: a tensor, or a list or
+    tuple of them (multi-scale features, as MSDNet's), indexed alike."""
+    if isinstance(h, Tensor):
+        return h[keep]
+    if isinstance(h, (list, tuple)):
+        return type(h)(select_rows(part, keep) for part in h)
+    raise TypeError(f"a stage passed on {type(h).__name__}; early-exit features are a tensor or a list/tuple of them")
+
+
+def leading_rows(h: Any) -> int:
+    """How many samples features ``h`` hold (the first tensor's first dimension; 0 without a tensor)."""
+    if isinstance(h, Tensor):
+        return int(h.shape[0])
+    if isinstance(h, (list, tuple)):
+        return next((leading_rows(part) for part in h if leading_rows(part)), 0)
+    return 0
+
 
 class EarlyExitNetwork(DynamicModel):
-    """Stages and heads in a cascade. ``exit_weights`` weight the exit losses in training."""
+    """Stages and heads in a cascade. ``exit_weights`` weight the exit losses in training. A stage may
+    pass on one tensor or a list/tuple of tensors (features at several scales); compaction keeps the
+    same samples in each."""
 
     dynamic_kind = "early_exit"
     cost_roles = {"heads": ("heads",)}
@@ -91,7 +115,7 @@ class EarlyExitNetwork(DynamicModel):
                 stay = ~leave
                 if not stay.any():
                     break
-                h, index = h[stay], index[stay]
+                h, index = select_rows(h, stay), index[stay]
                 state = {name: v[stay] for name, v in state.items()}
         return DynamicOutput(out, Trace(exit_index, self._one_hot_counts(exit_index)))
 

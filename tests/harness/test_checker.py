@@ -211,3 +211,41 @@ def test_profile_of_gated_and_routed_models_lists_their_units(capsys):
     assert cost_profile(create_model("resnet20"), 16) == []
     code, out, _ = run_cli(capsys, "profile", "skipnet38", "--input-size", "16")
     assert code == 0 and "block_16" in out and "forward() decides per sample" in out
+
+
+class TwoScales(nn.Module):
+    """A stage that keeps features at two scales (fine, coarse), as a multi-scale network does."""
+
+    def __init__(self, first: bool):
+        super().__init__()
+        self.first = first
+        self.fine = nn.Sequential(nn.Conv2d(3 if first else 4, 4, 3, padding=1), nn.ReLU())
+        self.coarse = nn.Sequential(nn.Conv2d(4 if first else 8, 4, 3, stride=2 if first else 1, padding=1),
+                                    nn.ReLU())
+
+    def forward(self, x):
+        if self.first:
+            fine = self.fine(x)
+            return [fine, self.coarse(fine)]
+        fine, coarse = x
+        fine = self.fine(fine)
+        return [fine, self.coarse(torch.cat([coarse, nn.functional.avg_pool2d(fine, 2)], dim=1))]
+
+
+def test_a_cascade_whose_stages_pass_several_scales_really_stops_and_passes_every_check():
+    torch.manual_seed(0)
+    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)) for _ in range(3)]
+    picked = [nn.Sequential(PickCoarse(), head) for head in heads]
+    model = EarlyExitNetwork([TwoScales(True), TwoScales(False), TwoScales(False)], picked).eval()
+    report = run_checks(model, batch())
+    assert report.ok, report.text()
+    assert "stage and head hooks saw only the samples still in flight" in report["real stopping"].detail
+    policy = ConfidencePolicy(thresholds=(0.0,))  # everybody leaves at exit 0: later stages see no row
+    out = contract.dynamic_forward(model, batch(), policy, "compact")
+    assert out.trace.exit_index.tolist() == [0] * 8
+    assert torch.allclose(out.logits, contract.forward_exits(model, batch())[0])
+
+
+class PickCoarse(nn.Module):
+    def forward(self, x):
+        return x[-1]
