@@ -10,7 +10,7 @@ from fractalbench.harness.suites import load_suite
 from fractalbench.harness.train import TrainConfig
 from fractalbench.reports.reference import TRAIN_DEFAULTS, parse_recipe, recipe_differences, suite_recipe
 
-FAMILIES = {"resnet", "branchynet", "sdn", "skipnet", "fractalnet", "moe", "fractalbrainnet"}
+FAMILIES = {"resnet", "branchynet", "sdn", "skipnet", "fractalnet", "moe", "fractalbrainnet", "msdnet"}
 #: Recipe keys the trainer cannot follow: SGD with momentum is always Nesterov, Adam keeps torch's betas.
 UNFOLLOWABLE = {"nesterov", "stage2.nesterov", "betas"}
 
@@ -30,7 +30,8 @@ def test_paper_suites_parse_on_cuda_with_the_papers_dataset(name, dataset):
 def test_paper_suite_has_every_family_and_c100_only_papers_reporting_cifar100():
     families = {model_card(m.name).family for m in load_suite("paper").models}
     assert FAMILIES <= families
-    assert {model_card(m.name).family for m in load_suite("paper_c100").models} == {"sdn", "skipnet", "fractalnet"}
+    assert {model_card(m.name).family for m in load_suite("paper_c100").models} == {"sdn", "skipnet", "fractalnet",
+                                                                                     "msdnet"}
 
 
 @pytest.mark.parametrize("name", ["paper", "paper_c100"])
