@@ -17,7 +17,10 @@ The checker never raises for a defect of the model: everything it hits is a ``FA
    mixes them. Routed: the model's own routing; FAIL if its trace has no expert assignments.
 3. ``batch-1 vs batched``: ``dynamic_forward`` of the batch (compact mode) equals each sample's
    batch-1 call: exit, every unit count, gate bits and expert assignments exactly, logits within
-   the tolerance of check 1.
+   the tolerance of check 1. A model that declares ``batch_dependent`` (expert-choice routing over
+   the batch) is checked against its declaration instead: the batch in reverse order gives the
+   reversed results (its route depends on which samples share the batch, never on their order),
+   and the ok line says how many samples route differently at batch 1.
 4. ``cost table vs counted``: :func:`fractalbench.harness.metrics.flops.oracle_check` on every sample under that
    policy (MACs counted at batch 1 on the real dynamic forward equal the cost table on that call's
    trace, exactly), and the MACs counted on the batched call equal the table's on its trace.
@@ -335,6 +338,8 @@ def _trace_differences(one: contract.Trace, batched: contract.Trace, i: int) -> 
 
 def check_batch_consistency(ctx: CheckContext) -> tuple[str, str]:
     """Check 3 (module docstring)."""
+    if contract.batch_dependent(ctx.model):
+        return _check_batch_dependent(ctx)
     batched, _ = ctx.run("compact")
     problems = []
     for i in range(ctx.x.shape[0]):
@@ -348,6 +353,34 @@ def check_batch_consistency(ctx: CheckContext) -> tuple[str, str]:
     if problems:
         raise CheckFailure(_listed(problems))
     return OK, f"{ctx.x.shape[0]} samples: exits, unit counts, gates, experts and logits"
+
+
+def _check_batch_dependent(ctx: CheckContext) -> tuple[str, str]:
+    """Check 3 for a model that declares ``batch_dependent``: order-independence of the batch."""
+    batched, _ = ctx.run("compact")
+    n = ctx.x.shape[0]
+    reverse = torch.arange(n - 1, -1, -1, device=ctx.x.device)
+    flipped = contract.dynamic_forward(ctx.model, ctx.x[reverse], ctx.policy, "compact")
+    problems, alone = [], 0
+    for i in range(n):
+        j = n - 1 - i  # sample i sits at row j of the reversed batch
+        one = contract.Trace(flipped.trace.exit_index[j:j + 1],
+                             {u: c[j:j + 1] for u, c in flipped.trace.unit_counts.items()},
+                             None if flipped.trace.gates is None else flipped.trace.gates[j:j + 1],
+                             None if flipped.trace.experts is None else flipped.trace.experts[j:j + 1])
+        diffs = _trace_differences(one, batched.trace, i)
+        mismatch = logits_mismatch(flipped.logits[j], batched.logits[i])
+        if mismatch:
+            diffs.append(f"logits {mismatch}")
+        if diffs:
+            problems.append(f"sample {i}: {', '.join(diffs)}")
+        single = contract.dynamic_forward(ctx.model, ctx.x[i:i + 1], ctx.policy, "compact")
+        alone += bool(_trace_differences(single.trace, batched.trace, i))
+    if problems:
+        raise CheckFailure("declared batch-dependent, but the reversed batch does not give the reversed results: "
+                           + _listed(problems))
+    return OK, (f"declared batch-dependent: the reversed batch of {n} gives the reversed exits, unit counts, gates, "
+                f"experts and logits; {alone} of {n} samples route differently at batch 1")
 
 
 def check_cost_table(ctx: CheckContext) -> tuple[str, str]:

@@ -46,7 +46,8 @@ class Trace:
     exit_index: LongTensor [N], the exit each sample left at (static and gated models: last exit).
     unit_counts: name -> FloatTensor [N], how many times each cost unit ran for each sample.
     gates: optional BoolTensor [N, G], gate bits (True = block executed).
-    experts: optional LongTensor [N, L, T], expert chosen per layer and token (-1 = dropped).
+    experts: optional LongTensor [N, L, S], expert chosen per layer and token slot (-1 = dropped; values
+        below -1 are empty slots, e.g. expert choice's experts that did not take a token).
     extras: free-form per-sample tensors a family wants to report (e.g. patience counters).
     """
 
@@ -245,6 +246,10 @@ OPTIONAL_HOOKS: dict[str, str] = {
     "on_backbone_loaded": "method () -> None, called after weights were loaded into the dense backbone (MoE: the "
                           "experts start as the zero function, so the model starts as the dense network: sparse "
                           "upcycling); default: nothing",
+    "batch_dependent": "bool: True when a sample's decisions depend on the other samples of its batch (expert-choice "
+                       "routing over the batch's tokens): the checker then verifies that a permuted batch gives the "
+                       "permuted results instead of batch-1 equality, and batch-1 latency rows say that each sample "
+                       "was routed alone; default False",
     "cost_roles": "mapping role (one of COST_ROLES) -> submodule name patterns (fnmatch, relative to the model, "
                   "e.g. 'heads', 'moe.*.router'): the modules whose MACs are that role's; default: nothing "
                   "declared, every MAC is backbone",
@@ -305,6 +310,11 @@ def on_backbone_loaded(model: nn.Module) -> None:
     hook = getattr(model, "on_backbone_loaded", None)
     if callable(hook):
         hook()
+
+
+def batch_dependent(model: nn.Module) -> bool:
+    """Whether ``model`` declares that a sample's decisions depend on its batch (its ``batch_dependent``)."""
+    return bool(getattr(model, "batch_dependent", False))
 
 
 def full_network_is_exit(model: nn.Module) -> bool:

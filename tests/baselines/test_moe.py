@@ -308,3 +308,111 @@ def test_decision_threshold_drops_exactly_the_choices_whose_weight_is_below_it(n
     with torch.no_grad():  # no expert ran: the MoE layers are the identity (pre-norm residual)
         plain = b.head(b.layer3(b.layer2(b.layer1(b.stem(x)))))
     assert torch.allclose(nothing.logits, plain, rtol=1e-5, atol=1e-5)  # same function, another memory layout
+
+
+# ----- expert-choice routing (Zhou et al. 2022) -------------------------------------------------------
+
+def test_expert_choice_experts_take_their_top_tokens_by_hand():
+    # one sample, 4 tokens, 2 experts, capacity factor 1: each expert takes ceil(1 * 4 / 2) = 2 tokens.
+    layer = MoELayer(4, num_experts=2, k=1, router="expert_choice", capacity_factor=1.0, group="sample")
+    assert layer.capacity(4) == 2 and layer.k == 2  # one slot per expert in the trace
+    scores = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]]])
+    assign, weights = layer._expert_choice(scores)
+    # expert 0's column 0.9, 0.6, 0.7, 0.2 -> tokens 0, 2; expert 1's 0.1, 0.4, 0.3, 0.8 -> tokens 3, 1.
+    # Token 1 is taken by expert 1 only, token 0 and 2 by expert 0 only; none is dropped.
+    assert assign.tolist() == [[[0, -2], [-2, 1], [0, -2], [-2, 1]]]
+    assert torch.equal(weights, torch.tensor([[[0.9, 0.0], [0.0, 0.4], [0.7, 0.0], [0.0, 0.8]]]))
+    # a token both experts want and one nobody wants: capacity 1 each (factor 0.5)
+    layer = MoELayer(4, num_experts=2, k=1, router="expert_choice", capacity_factor=0.5, group="sample")
+    scores = torch.tensor([[[0.5, 0.5], [0.45, 0.55], [0.4, 0.6], [0.6, 0.4]]])
+    assign, _ = layer._expert_choice(scores)
+    # expert 0 -> token 3 (0.6); expert 1 -> token 2 (0.6): tokens 0 and 1 dropped (-1 in slot 0)
+    assert assign.tolist() == [[[-1, -2], [-1, -2], [-2, 1], [0, -2]]]
+    trace = contract.Trace(torch.zeros(1, dtype=torch.long), {}, experts=assign.reshape(1, 1, 8))
+    histogram = expert_histogram(trace, 2)
+    assert histogram[0].tolist() == [[1, 1]] and histogram[1].tolist() == [2]  # 2 dropped tokens, empty slots apart
+    from fractalbench.harness.metrics._cost_tables import trace_histograms
+
+    assert trace_histograms(trace, 1, 2)["expert_dropped"] == [2]  # the load rows' "dropped": tokens, not slots
+
+
+def test_expert_choice_capacity_and_options():
+    layer = MoELayer(64, 4, 1, "expert_choice", capacity_factor=2.0)
+    assert layer.capacity(64) == 32 and layer.capacity(3) == 2 and layer.batch_dependent
+    assert not MoELayer(64, 4, 1, "expert_choice", capacity_factor=2.0, group="sample").batch_dependent
+    assert MoELayer(64, 4, 1, "expert_choice", capacity_factor=4.0).capacity(10) == 10  # every expert, every token
+    with pytest.raises(ValueError, match="capacity factor in"):
+        MoELayer(64, 4, 1, "expert_choice", capacity_factor=None)
+    with pytest.raises(ValueError, match="routing group 'device' is not one of batch, sample"):
+        MoELayer(64, 4, 1, "expert_choice", capacity_factor=2.0, group="device")
+
+
+def test_expert_choice_routes_over_the_batch_and_declares_it():
+    torch.manual_seed(0)
+    model = build("expert_choice_resnet20")
+    assert model.batch_dependent and contract.batch_dependent(model)
+    assert not contract.batch_dependent(build("switch_resnet20"))
+    x = torch.randn(6, 3, 16, 16)  # 16 tokens per sample in stage 3: the group holds 96
+    with torch.no_grad():
+        batched = model.dynamic_forward(x)
+        reversed_ = model.dynamic_forward(x.flip(0))
+        alone = [model.dynamic_forward(x[i:i + 1]) for i in range(6)]
+    experts = batched.trace.experts
+    assert experts.shape == (6, 2, 16 * 4)
+    per_expert = torch.stack([(experts[:, 0] == e).sum() for e in range(4)])
+    assert per_expert.tolist() == [48] * 4  # ceil(2 x 96 / 4) tokens of the whole batch per expert
+    counts = {u: c for u, c in batched.trace.unit_counts.items() if u.startswith("layer0")}
+    assert sum(c.sum() for c in counts.values()).item() == 4 * 48
+    assert len({int(c[0]) for c in counts.values()} | {int(c[1]) for c in counts.values()}) > 1  # uneven per sample
+    assert torch.equal(reversed_.trace.experts.flip(0), experts)  # the order of the batch does not matter
+    assert torch.allclose(reversed_.logits.flip(0), batched.logits, atol=1e-5)
+    # which samples share the batch does: alone, each sample's own 16 tokens fill ceil(2 x 16 / 4) = 8 per expert
+    assert all(((one.trace.experts[0, 0] == e).sum() == 8) for one in alone for e in range(4))
+    assert any(not torch.equal(one.trace.experts[0], experts[i]) for i, one in enumerate(alone))
+    sample = build("expert_choice_resnet20", group="sample")
+    with torch.no_grad():
+        batched, alone = sample.dynamic_forward(x), [sample.dynamic_forward(x[i:i + 1]) for i in range(6)]
+    assert not sample.batch_dependent
+    assert all(torch.equal(one.trace.experts[0], batched.trace.experts[i]) for i, one in enumerate(alone))
+
+
+def test_expert_choice_compact_equals_mask_and_the_oracle_counts_what_ran():
+    torch.manual_seed(1)
+    model = build("expert_choice_resnet20")
+    x = torch.randn(3, 3, 16, 16)
+    table = unit_table(model, x[:1])
+    with torch.no_grad():
+        compact, mask = model.dynamic_forward(x), model.dynamic_forward(x, mode="mask")
+    assert torch.equal(compact.trace.experts, mask.trace.experts)
+    assert torch.allclose(compact.logits, mask.logits, atol=1e-5)
+    assert counted_macs(model.dynamic_forward, x) == contract.executed_macs(compact.trace, table).sum().item()
+    assert model.loss_terms(x, torch.tensor([0, 1, 2])).keys() == {"cross_entropy"}  # balanced by construction
+
+
+def test_expert_choice_active_parameters_by_hand():
+    # as switch_resnet20 (router 256, no noise), with capacity factor 2: two experts per token on average
+    model = build("expert_choice_resnet20")
+    assert sum(p.numel() for p in model.parameters()) == 535_194
+    assert model.active_parameters() == 269_722 + 2 * (128 + 256 + 2 * 33_088) == 402_842
+
+
+def test_checker_verifies_a_batch_dependence_declaration():
+    from fractalbench.harness.checker import run_checks
+
+    report = run_checks(build("expert_choice_resnet20"), torch.randn(8, 3, 16, 16))
+    line = next(r for r in report.results if r.name == "batch-1 vs batched")
+    assert line.status == "ok" and "declared batch-dependent" in line.detail
+
+    class OrderSensitive(MoEResNet):
+        """Declares batch dependence but routes by position in the batch: the declaration is too weak."""
+
+        def dynamic_forward(self, x, policy=None, mode="compact"):
+            out = super().dynamic_forward(x, policy, mode)
+            out.logits = out.logits + torch.arange(len(x), dtype=out.logits.dtype)[:, None]
+            return out
+
+    torch.manual_seed(0)
+    bad = OrderSensitive(20, router="expert_choice", capacity_factor=2.0, k=1).eval()
+    report = run_checks(bad, torch.randn(8, 3, 16, 16))
+    line = next(r for r in report.results if r.name == "batch-1 vs batched")
+    assert line.status == "FAIL" and "reversed batch does not give the reversed results" in line.detail

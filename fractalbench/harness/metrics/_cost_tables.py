@@ -205,7 +205,7 @@ def _unit_values(units: list[contract.CostUnit], probes: Mapping[str, MacCount],
 def trace_histograms(trace: contract.Trace, num_exits: int | None = None,
                      num_experts: int | None = None) -> dict[str, Any]:
     """Exit histogram (bincount of exit_index), gate rates (mean per block) and expert counts
-    (bincount per layer; -1 = dropped token, counted apart)."""
+    (bincount per layer; -1 = dropped token, counted apart; values below -1 are empty slots)."""
     n = len(trace)
     exit_index = trace.exit_index.detach().cpu().long()
     k = max(int(num_exits or 0), int(exit_index.max()) + 1 if n else 1)
@@ -221,7 +221,7 @@ def trace_histograms(trace: contract.Trace, num_exits: int | None = None,
         for layer in range(experts.shape[1]):
             chosen = experts[:, layer].reshape(-1)
             per_layer.append(torch.bincount(chosen[chosen >= 0], minlength=e).tolist())
-            dropped.append(int((chosen < 0).sum()))
+            dropped.append(int((chosen == -1).sum()))  # below -1: empty slots, not drops
         out["expert_counts"], out["expert_dropped"] = per_layer, dropped
     return out
 

@@ -83,6 +83,10 @@ def measure_latency(model: nn.Module, inputs: Tensor, settings: LatencySettings,
         base = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
                 "warmup": settings.warmup, "timing": "cuda_events" if device.startswith("cuda") else "perf_counter_ns",
                 "isolated": isolated}
+        if contract.batch_dependent(model):
+            base["routing"] = ("depends on the batch (the model declares batch_dependent): each call routes among its "
+                               "own batch's samples, so batch-1 rows time a sample routed alone and batched rows "
+                               "routes shared with that batch; accuracy and MACs were measured at evaluate.batch_size")
         fields = {**row_fields, "device": row_fields.get("device") or device}
         with torch.no_grad():
             return _measure_all(model, inputs, settings, device, exits, policies, base, fields)
