@@ -13,17 +13,19 @@ import hashlib
 import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, fields, replace
-from typing import Annotated, Any, ClassVar, get_type_hints
+from typing import Annotated, Any, ClassVar, Union, get_type_hints
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     GetPydanticSchema,
     PlainValidator,
     PrivateAttr,
     Strict,
+    Tag,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -249,6 +251,8 @@ class WeightsSection(Section):
     mean: described(Channels | None, "per-channel mean of [0, 1] pixels the weights were trained with (overrides "
                                      "what the checkpoint or its adapter declares)") = None
     std: described(Channels | None, "per-channel std, as mean") = None
+    into: described(Text | None, "the submodule (dotted path, e.g. members.1 of a cascade) the weights load into; "
+                                 "default: the whole model, or the dense network it is built on") = None
 
     @model_validator(mode="after")
     def _mean_with_std(self) -> WeightsSection:
@@ -262,6 +266,23 @@ class WeightsSection(Section):
 Weights = Annotated[WeightsConfig, parsed_as(WeightsSection, _instance(WeightsConfig))]
 
 
+def _as_tuple(value: Any) -> tuple[WeightsConfig, ...]:
+    """One source stands for a list of one."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+ONE_SOURCE, SOURCES = "[one source]", "[sources]"
+"""Tags of the two forms of ``weights`` (their parts of an error's loc, left out of field paths)."""
+
+#: One or several weights sources; several must each name the submodule they load into (``into``).
+#: A tagged union, so that an error reports the form given, not both.
+WeightsList = Annotated[
+    Union[Annotated[Weights, Tag(ONE_SOURCE)],  # noqa: UP007
+          Annotated[tuple[Weights, ...], Field(min_length=1), Tag(SOURCES)]],
+    Discriminator(lambda v: SOURCES if isinstance(v, (list, tuple)) else ONE_SOURCE),
+    AfterValidator(_as_tuple)]
+
+
 class ModelEntry(Section):
     """A model to run; a bare name stands for the model with its defaults."""
 
@@ -273,8 +294,9 @@ class ModelEntry(Section):
     label: described(str, "the name in results (default: the model name); unique within the suite") = ""
     train: TrainOverrides = {}
     attribute_sweep: described(AttributeSweep | None, "a second training stage per value of an attribute") = None
-    weights: described(Weights | None, "trained weights to start from (a file, an https URL, or cell:LABEL); "
-                                       "their declared normalisation replaces the training split's") = None
+    weights: described(WeightsList | None, "trained weights to start from (a file, an https URL, or cell:LABEL), or "
+                                           "a list of such sources each with `into:` (the submodule it loads into); "
+                                           "their declared normalisation replaces the training split's") = None
     pretrained: described(Flag, "timm: models only: timm's own pretrained weights (downloaded by timm) and the "
                                 "normalisation of their pretrained_cfg") = False
 
@@ -285,12 +307,27 @@ class ModelEntry(Section):
                              "`weights:` (a file, an https URL or cell:LABEL)")
         if self.pretrained and self.weights is not None:
             raise ValueError("give either `weights` or `pretrained: true`, not both")
+        if self.weights is not None and len(self.weights) > 1:
+            parts = [w.into for w in self.weights]
+            if None in parts or len(set(parts)) < len(parts):
+                raise ValueError("several weights sources must each name a different submodule to load into "
+                                 f"(`into:`), got {parts}")
         return self
 
     @property
     def display(self) -> str:
         """The name results carry: the label, or the model name."""
         return self.label or self.name
+
+    @property
+    def weight_sources(self) -> tuple[WeightsConfig, ...]:
+        """The entry's weights sources (none, one, or one per submodule)."""
+        return self.weights or ()
+
+    @property
+    def cell_sources(self) -> list[str]:
+        """The labels of the entries whose trained checkpoints this one starts from (``cell:LABEL``)."""
+        return [w.cell_label for w in self.weight_sources if w.kind == "cell"]
 
 
 #: What a policy's thresholds mean (fractalbench.harness.policies): max softmax probability, softmax entropy
@@ -463,18 +500,18 @@ class Suite(Section):
             raise fail("labels must be unique; repeated: {repeated} (give each a distinct `label`)",
                        repeated=", ".join(repeated))
         for i, entry in enumerate(models):
-            seen, current = [entry.display], entry
-            while current.weights is not None and current.weights.kind == "cell":
-                label = current.weights.cell_label
-                if label not in labels:
-                    raise fail("models[{i}].weights.source cell:{label}: no model entry of this suite has that label; "
-                               "allowed: {allowed}", i=i, label=label,
-                               allowed=", ".join(x for x in labels if x != entry.display))
-                if label in seen:
-                    raise fail("models[{i}].weights.source cell:{label}: the weights refer back to themselves "
-                               "({chain})", i=i, label=label, chain=" -> ".join([*seen, label]))
-                seen.append(label)
-                current = models[labels.index(label)]
+            def visit(current: ModelEntry, seen: list[str]) -> None:
+                for label in current.cell_sources:
+                    if label not in labels:
+                        raise fail("models[{i}].weights.source cell:{label}: no model entry of this suite has that "
+                                   "label; allowed: {allowed}", i=i, label=label,
+                                   allowed=", ".join(x for x in labels if x != entry.display))
+                    if label in seen:
+                        raise fail("models[{i}].weights.source cell:{label}: the weights refer back to themselves "
+                                   "({chain})", i=i, label=label, chain=" -> ".join([*seen, label]))
+                    visit(models[labels.index(label)], [*seen, label])
+
+            visit(entry, [entry.display])
         return models
 
     @field_validator("seeds")
@@ -531,10 +568,12 @@ class Suite(Section):
             from fractalbench.harness.registry import unknown_name
             raise SuiteError(str(unknown_name(f"model in suite {self.name}", missing[0], sorted(known))))
         wanted = {m.display for m in self.models if m.name in names or m.display in names}
-        for entry in [m for m in self.models if m.display in wanted]:  # and the entries their weights come from
-            while entry.weights is not None and entry.weights.kind == "cell":
-                wanted.add(entry.weights.cell_label)
-                entry = next(m for m in self.models if m.display == entry.weights.cell_label)
+        pending = [m for m in self.models if m.display in wanted]  # and the entries their weights come from
+        while pending:
+            for label in pending.pop().cell_sources:
+                if label not in wanted:
+                    wanted.add(label)
+                    pending.append(next(m for m in self.models if m.display == label))
         kept = tuple(m for m in self.models if m.display in wanted)
         return self.model_copy(update={"models": kept})
 
@@ -566,14 +605,14 @@ def suite_problems(raw: Any) -> list[str]:
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
         # a section whose items failed also reports itself (e.g. "at least 1 item ... not 0"): keep the items'
-        locs = [tuple(p for p in e["loc"] if p != "[key]") for e in errors]
+        locs = [tuple(p for p in e["loc"] if p not in LOC_MARKERS) for e in errors]
         errors = [e for e, loc in zip(errors, locs)
                   if not any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs)]
         dropped = False
         for error in errors:
             found.setdefault((field_path(error["loc"]), problem(error)), None)
             if error["type"] == ERROR_TYPE and error["msg"].startswith(UNKNOWN_FIELD):
-                dropped |= _drop(data, [p for p in error["loc"] if p != "[key]"])
+                dropped |= _drop(data, [p for p in error["loc"] if p not in LOC_MARKERS])
         if not dropped:
             break
     return [f"field '{where}': {what}" for where, what in found]
@@ -612,11 +651,14 @@ def validate_suite(raw: Any, path: str) -> Suite:
     return suite
 
 
+LOC_MARKERS = ("[key]", ONE_SOURCE, SOURCES)
+
+
 def field_path(loc: tuple[int | str, ...]) -> str:
     """``('models', 2, 'attribute_sweep', 'values', 0)`` -> ``models[2].attribute_sweep.values[0]``."""
     text = ""
     for part in loc:
-        if part == "[key]":  # pydantic's marker of an error in a mapping's key
+        if part in LOC_MARKERS:  # pydantic's marker of an error in a mapping's key, our unions' tags
             continue
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
     return text or TOP_LEVEL

@@ -29,7 +29,14 @@ from fractalbench.harness.registry import ModelSpec, code_identity, model_card
 from fractalbench.harness.results import CellRecord, RunStore, make_row, slug
 from fractalbench.harness.steps import CellState, plan_steps
 from fractalbench.harness.suites import ModelEntry, Suite
-from fractalbench.harness.weights import LoadedWeights, WeightsError, load_weights, timm_pretrained
+from fractalbench.harness.weights import (
+    LoadedWeights,
+    Normalisation,
+    WeightsError,
+    load_weights,
+    one_normalisation,
+    timm_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +71,9 @@ def models_in_order(suite: Suite) -> list[ModelEntry]:
     def visit(entry: ModelEntry) -> None:
         if entry in ordered:
             return
-        weights = entry.weights
-        if weights is not None and weights.kind == "cell" and weights.cell_label in by_label:
-            visit(by_label[weights.cell_label])
+        for label in entry.cell_sources:
+            if label in by_label:
+                visit(by_label[label])
         ordered.append(entry)
 
     for entry in suite.models:
@@ -85,21 +92,24 @@ def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
     return [Cell(m, d, dev, seed) for d in suite.datasets for seed in seeds for m in models for dev in devs]
 
 
-def dependency(cell: Cell, suite: Suite) -> Cell | None:
-    """The cell whose trained checkpoint ``cell`` starts from (``weights: cell:LABEL``), or None."""
-    weights = cell.model.weights
-    if weights is None or weights.kind != "cell":
-        return None
-    entry = next(m for m in suite.models if m.display == weights.cell_label)
-    return Cell(entry, cell.dataset, cell.device, cell.seed)
+def direct_dependencies(cell: Cell, suite: Suite) -> list[Cell]:
+    """The cells whose trained checkpoints ``cell`` starts from (``weights: cell:LABEL``, one per such
+    source, in the entry's order)."""
+    return [Cell(next(m for m in suite.models if m.display == label), cell.dataset, cell.device, cell.seed)
+            for label in cell.model.cell_sources]
 
 
 def dependency_chain(cell: Cell, suite: Suite) -> list[Cell]:
-    """The cells that must be done before ``cell`` runs (its dependency's own first)."""
-    out, current = [], dependency(cell, suite)
-    while current is not None:
-        out.insert(0, current)
-        current = dependency(current, suite)
+    """The cells that must be done before ``cell`` runs, each after its own dependencies."""
+    out: list[Cell] = []
+
+    def visit(current: Cell) -> None:
+        for dep in direct_dependencies(current, suite):
+            if dep not in out:
+                visit(dep)
+                out.append(dep)
+
+    visit(cell)
     return out
 
 
@@ -146,11 +156,12 @@ def suite_folder(suite: Suite) -> Path:
     return path.resolve().parent if path.is_file() else Path.cwd()
 
 
-def dependency_checkpoint(cell: Cell, suite: Suite, store: RunStore) -> Path | None:
-    """The trained checkpoint of ``cell``'s dependency; WeightsError when that cell did not finish well."""
-    dep = dependency(cell, suite)
-    if dep is None:
+def dependency_checkpoint(cell: Cell, suite: Suite, store: RunStore, label: str | None) -> Path | None:
+    """The trained checkpoint of the cell of entry ``label`` that ``cell`` starts from (None for no
+    label); WeightsError when that cell did not finish well."""
+    if label is None:
         return None
+    dep = next(d for d in direct_dependencies(cell, suite) if d.model.display == label)
     record = store.read_meta(f"cells/{dep.cell_id}.json") if store.is_done(dep.cell_id) else None
     if record is None or record.get("status") != "ok":
         state = "failed" if record is not None else "has not run"
@@ -160,7 +171,7 @@ def dependency_checkpoint(cell: Cell, suite: Suite, store: RunStore) -> Path | N
 
 
 def apply_weights(cell: Cell, suite: Suite, store: RunStore, model: torch.nn.Module, spec: ModelSpec,
-                  splits: DataSplits) -> tuple[DataSplits, LoadedWeights | None]:
+                  splits: DataSplits) -> tuple[DataSplits, LoadedWeights | LoadedParts | None]:
     """Load the entry's weights into ``model`` (its own, timm's pretrained or another cell's) and
     normalise the data as they declare; the splits to use and what was loaded (None: no weights)."""
     entry = cell.model
@@ -168,14 +179,28 @@ def apply_weights(cell: Cell, suite: Suite, store: RunStore, model: torch.nn.Mod
         loaded = timm_pretrained(model, entry.name, num_classes=spec.num_classes, in_chans=spec.in_chans,
                                  kwargs=spec.kwargs)
     elif entry.weights is not None:
-        loaded = load_weights(model, entry.weights, base_dir=suite_folder(suite),
-                              cell_checkpoint=dependency_checkpoint(cell, suite, store), name=entry.display)
+        parts = [load_weights(model, cfg, base_dir=suite_folder(suite), name=entry.display,
+                              cell_checkpoint=dependency_checkpoint(cell, suite, store,
+                                                                    cfg.cell_label if cfg.kind == "cell" else None))
+                 for cfg in entry.weights]
+        loaded = parts[0] if len(parts) == 1 else LoadedParts(parts, one_normalisation(parts))
     else:
         return splits, None
     if loaded.normalisation is not None:
         norm = loaded.normalisation
         splits = with_normalisation(splits, norm.mean, norm.std, norm.declared_by)
     return splits, loaded
+
+
+@dataclass
+class LoadedParts:
+    """Several weights loaded into parts of one model (``into``) and the normalisation they share."""
+
+    parts: list[LoadedWeights]
+    normalisation: Normalisation | None
+
+    def info(self) -> list[dict[str, Any]]:
+        return [part.info() for part in self.parts]
 
 
 def run_cell(cell: Cell, suite: Suite, store: RunStore, splits: DataSplits, progress: bool = False,

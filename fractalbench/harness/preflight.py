@@ -115,37 +115,49 @@ def exit_shape_problems(model: nn.Module, num_classes: int, input_shape: tuple[i
 def _weights_problems(index: int, entry: ModelEntry, model: nn.Module, splits: DataSplits,
                       suite: Suite | None = None, unreachable: list[str] | None = None) -> list[str]:
     from fractalbench.harness.data import with_normalisation
-    from fractalbench.harness.weights import WeightsError, WeightsUnreachable, adapt, fit_weights, read_state, resolve
+    from fractalbench.harness.weights import (
+        WeightsError,
+        WeightsUnreachable,
+        adapt,
+        fit_weights,
+        read_state,
+        resolve,
+        submodule,
+    )
 
-    cfg, where = entry.weights, f"field 'models[{index}].weights'"
-    if cfg is None:
-        return []
-    try:
-        if cfg.kind == "cell":
-            if suite is not None:
-                source = next(m for m in suite.models if m.display == cfg.cell_label)
-                other = _build(ModelSpec(source.name, dict(source.kwargs), splits.num_classes, splits.in_chans))
-                fit_weights(model, other.state_dict(), cfg.source, entry.display)
-            return []
-        found = resolve(cfg, _suite_folder(suite))
-        state, recorded = read_state(found.path)
-        state, used = adapt(state, cfg.adapter)
-        fit_weights(model, state, cfg.source, entry.display)
-        declared = cfg.declared_normalisation() or recorded or next(
-            (a.normalisation for a in used if a.normalisation is not None), None)
-        if declared is not None and splits.info.get("stand_in"):
-            if len(declared.mean) != splits.in_chans:
-                raise ValueError(f"the weights' normalisation has {len(declared.mean)} channel(s) (declared by "
-                                 f"{declared.declared_by}); dataset {splits.name} has {splits.in_chans}")
-        elif declared is not None:
-            with_normalisation(splits, declared.mean, declared.std, declared.declared_by)
-    except WeightsUnreachable as exc:
-        if unreachable is None:
-            return [f"{where}: {' '.join(str(exc).split())}"]
-        unreachable.append(f"{where}: {' '.join(str(exc).split())}")
-    except (WeightsError, ValueError) as exc:
-        return [f"{where}: {' '.join(str(exc).split())}"]
-    return []
+    problems: list[str] = []
+    several = len(entry.weight_sources) > 1
+    for j, cfg in enumerate(entry.weight_sources):
+        where = f"field 'models[{index}].weights" + (f"[{j}]'" if several else "'")
+        try:
+            part = submodule(model, cfg.into, entry.display)
+            name = entry.display if cfg.into is None else f"{entry.display}.{cfg.into}"
+            if cfg.kind == "cell":
+                if suite is not None:
+                    source = next(m for m in suite.models if m.display == cfg.cell_label)
+                    other = _build(ModelSpec(source.name, dict(source.kwargs), splits.num_classes, splits.in_chans))
+                    fit_weights(part, other.state_dict(), cfg.source, name)
+                continue
+            found = resolve(cfg, _suite_folder(suite))
+            state, recorded = read_state(found.path)
+            state, used = adapt(state, cfg.adapter)
+            fit_weights(part, state, cfg.source, name)
+            declared = cfg.declared_normalisation() or recorded or next(
+                (a.normalisation for a in used if a.normalisation is not None), None)
+            if declared is not None and splits.info.get("stand_in"):
+                if len(declared.mean) != splits.in_chans:
+                    raise ValueError(f"the weights' normalisation has {len(declared.mean)} channel(s) (declared by "
+                                     f"{declared.declared_by}); dataset {splits.name} has {splits.in_chans}")
+            elif declared is not None:
+                with_normalisation(splits, declared.mean, declared.std, declared.declared_by)
+        except WeightsUnreachable as exc:
+            if unreachable is None:
+                problems.append(f"{where}: {' '.join(str(exc).split())}")
+            else:
+                unreachable.append(f"{where}: {' '.join(str(exc).split())}")
+        except (WeightsError, ValueError) as exc:
+            problems.append(f"{where}: {' '.join(str(exc).split())}")
+    return problems
 
 
 def _suite_folder(suite: Suite | None) -> Path:

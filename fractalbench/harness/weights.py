@@ -13,6 +13,10 @@ A model entry's ``weights`` (:class:`WeightsConfig`) names where the weights com
 - ``cell:LABEL``: the trained checkpoint of the model entry labelled LABEL in the same run (same
   dataset, device and seed), which runs first (a backbone adapted once, then built on).
 
+An entry may give several sources, each loaded into a submodule (``into``, a dotted path): a cascade
+of separately trained networks takes each member's checkpoint (``{source: cell:resnet20, into:
+members.0}``). Their declared normalisations must agree (:func:`one_normalisation`).
+
 Every file is read with ``torch.load(weights_only=True)``. The state dict is taken from a
 fractalbench checkpoint (``model``), a ``{'state_dict': ...}`` mapping, or a plain mapping of
 tensors, and then mapped onto the registry's models by declared :data:`ADAPTERS` (DataParallel's
@@ -88,13 +92,16 @@ class WeightsConfig:
     """Where a model's weights come from (see the module docstring). ``source``: a path, a URL or
     ``cell:LABEL``; ``sha256``: the file's full hash (optional for files; a URL needs it here or in
     its file name); ``adapter``: a name of :data:`ADAPTERS`, ``auto`` (each adapter whose layout the
-    keys show) or ``none``; ``mean``/``std``: the normalisation the weights were trained with."""
+    keys show) or ``none``; ``mean``/``std``: the normalisation the weights were trained with;
+    ``into``: the submodule (a dotted path, e.g. ``members.1`` of a cascade) the weights load into
+    (None: the whole model, or its dense backbone)."""
 
     source: str
     sha256: str | None = None
     adapter: str = "auto"
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    into: str | None = None
 
     @property
     def kind(self) -> str:
@@ -382,16 +389,53 @@ class LoadedWeights:
 
 def load_weights(model: nn.Module, cfg: WeightsConfig, *, base_dir: Path | None = None,
                  cell_checkpoint: Path | None = None, name: str = "the model") -> LoadedWeights:
-    """Resolve, verify, read, adapt and load ``cfg`` into ``model`` (see the module docstring)."""
+    """Resolve, verify, read, adapt and load ``cfg`` into ``model`` (or its submodule ``cfg.into``;
+    see the module docstring)."""
+    part = submodule(model, cfg.into, name)
     found = resolve(cfg, base_dir, cell_checkpoint)
     state, recorded = read_state(found.path)
     state, used = adapt(state, cfg.adapter)
-    target = fit_weights(model, state, cfg.source, name)
+    target = fit_weights(part, state, cfg.source, name if cfg.into is None else f"{name}.{cfg.into}")
+    if cfg.into is not None:
+        target = f"{cfg.into} ({target})"
     declared = [n for n in (cfg.declared_normalisation(), recorded) if n is not None]
     declared += [a.normalisation for a in used if a.normalisation is not None]
     normalisation = declared[0] if declared else None
     return LoadedWeights(cfg.source, str(found.path), found.sha256, found.obtained, [a.name for a in used], target,
                          len(state), normalisation)
+
+
+def submodule(model: nn.Module, into: str | None, name: str = "the model") -> nn.Module:
+    """``model`` itself (``into`` None) or its submodule at the dotted path ``into``; WeightsError
+    naming the model's top-level submodules otherwise."""
+    if into is None:
+        return model
+    try:
+        return model.get_submodule(into)
+    except AttributeError:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise WeightsError(f"weights into {into!r}: {name} has no such submodule (its submodules: {children})") from None
+
+
+def one_normalisation(loaded: list[LoadedWeights]) -> Normalisation | None:
+    """The normalisation several loaded weights declare together: None when none declares one, the
+    declared one when those that declare agree; WeightsError when they differ (the data is normalised
+    once, so the parts of one model must share it)."""
+    declared = [w for w in loaded if w.normalisation is not None]
+    if not declared:
+        return None
+    first = declared[0].normalisation
+    for other in declared[1:]:
+        norm = other.normalisation
+        if (norm.mean, norm.std) != (first.mean, first.std):
+            raise WeightsError(f"weights {declared[0].source} and {other.source} declare different input "
+                               f"normalisations (mean {list(first.mean)}, std {list(first.std)} vs mean "
+                               f"{list(norm.mean)}, std {list(norm.std)}); one model's data is normalised once")
+    if len(declared) < len(loaded):
+        missing = [w.source for w in loaded if w.normalisation is None]
+        raise WeightsError(f"weights {', '.join(missing)} declare no input normalisation while "
+                           f"{declared[0].source} declares one; give mean and std with each")
+    return first
 
 
 def timm_normalisation(model: nn.Module) -> Normalisation | None:

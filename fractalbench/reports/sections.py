@@ -376,17 +376,19 @@ def weights_table(run: RunData) -> pd.DataFrame:
     """One row per cell of ``run`` that started from trained weights (its ``meta.weights``)."""
     records = []
     for cell in run.cells:
-        weights = (cell.meta or {}).get("weights")
-        if not weights:
+        loaded = (cell.meta or {}).get("weights")
+        if not loaded:
             continue
         model = next((r.get("model") for r in cell.rows if r.get("model")), (cell.meta or {}).get("model", "?"))
-        norm = weights.get("normalisation") or {}
-        records.append({"model": model, "source": weights.get("source", ""),
-                        "sha256": str(weights.get("sha256", ""))[:16], "obtained": weights.get("obtained", ""),
-                        "adapters": ", ".join(weights.get("adapters") or []) or "none",
-                        "loaded into": weights.get("loaded_into", ""),
-                        "normalisation": (f"mean {norm.get('mean')}, std {norm.get('std')} ({norm.get('declared_by')})"
-                                          if norm else "the training split's (the weights declare none)")})
+        for weights in loaded if isinstance(loaded, list) else [loaded]:  # a list: one source per submodule
+            norm = weights.get("normalisation") or {}
+            records.append({"model": model, "source": weights.get("source", ""),
+                            "sha256": str(weights.get("sha256", ""))[:16], "obtained": weights.get("obtained", ""),
+                            "adapters": ", ".join(weights.get("adapters") or []) or "none",
+                            "loaded into": weights.get("loaded_into", ""),
+                            "normalisation": (f"mean {norm.get('mean')}, std {norm.get('std')} "
+                                              f"({norm.get('declared_by')})" if norm
+                                              else "the training split's (the weights declare none)")})
     return pd.DataFrame(records, columns=["model", "source", "sha256", "obtained", "adapters", "loaded into",
                                           "normalisation"])
 

@@ -28,7 +28,7 @@ from fractalbench.harness._suite_schema import (
 )
 from fractalbench.harness.suites import METRICS, SuiteError, list_suites, parse_suite, suite_json_schema
 
-KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "default", "type", "enum", "const", "anyOf", "allOf",
+KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "default", "type", "enum", "const", "anyOf", "oneOf", "allOf",
             "if", "then", "properties", "required", "additionalProperties", "patternProperties", "items", "minItems",
             "minLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
 TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
@@ -60,6 +60,11 @@ def schema_errors(schema: dict[str, Any], value: Any, root: dict[str, Any], at: 
     if "anyOf" in schema:
         branches = [schema_errors(option, value, root, at) for option in schema["anyOf"]]
         return [] if [] in branches else max(branches, key=lambda errors: len(errors[0]))
+    if "oneOf" in schema:  # exactly one branch (a tagged union: one source, or a list of sources)
+        branches = [schema_errors(option, value, root, at) for option in schema["oneOf"]]
+        if branches.count([]) == 1:
+            return []
+        return [at] if branches.count([]) > 1 else max(branches, key=lambda errors: len(errors[0]))
     errors = [] if _scalar_ok(schema, value) else [at]
     for part in schema.get("allOf", ()):
         if not schema_errors(part.get("if", {}), value, root, at):
