@@ -165,6 +165,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "that start from them too); their old records and checkpoints go to DIR/stale/rerun-<time>/")
     p.add_argument("--force", action="store_true", help="run every finished cell again from scratch (--rerun of "
                                                         "every model)")
+    p.add_argument("--from", dest="seed_from", type=Path, default=None, metavar="EXPORT",
+                   help="first take the finished cells of an exported run (`fractalbench export`, e.g. "
+                        "results/cifar10) whose suite entries are unchanged, so only the rest run (a reference run "
+                        "continued in another session); a cell that others start from comes only with them")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="hide training progress bars")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
@@ -386,7 +390,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _terminate_as_interrupt() as terminated:
         summary = run_suite(suite, out, devices=args.device, progress=not args.no_progress and sys.stderr.isatty(),
                             echo=lambda s: print(s, flush=True), remeasure=args.remeasure, jobs=args.jobs,
-                            executor=args.executor,
+                            executor=args.executor, seed_from=args.seed_from,
                             rerun=[m.display for m in suite.models] if args.force else args.rerun)
     print(f"\n{len(summary.finished)} cell(s) finished, {len(summary.skipped)} skipped (already done), "
           f"{len(summary.failed)} failed in {summary.seconds:.1f} s; results in {out}")

@@ -141,6 +141,57 @@ def _set_aside(store: RunStore, cell_id: str, folder: str, keep_artifacts: bool 
     return stale
 
 
+def seed_from_export(store: RunStore, suite: Suite, export: Path, echo: Callable[[str], None],
+                     devices: list[str] | None = None) -> list[str]:
+    """Take into the run the finished cells of an exported run (``fractalbench export``: cell files and
+    outcomes, no checkpoints) whose identity (:func:`cell_digests`, against the whole suite) is the
+    same in the export's suite and in ``suite``, and that the run does not hold yet: a reference run
+    continued on another machine or in a later session from what was committed. A cell that another
+    cell of the suite starts from (``weights: cell:LABEL``) is taken only with every such dependent
+    (it has no checkpoint to start from); only ``ok`` cells are taken. The ids taken."""
+    import shutil
+
+    from fractalbench.harness.results import ResultsError, check_run_dir
+
+    try:
+        source = RunStore(check_run_dir(export))
+    except ResultsError as exc:
+        raise SuiteError(f"--from {export}: {exc}") from None
+    old = source.read_meta("suite.json")
+    if old.get("name") != suite.name or not isinstance(old.get("content"), dict):
+        raise SuiteError(f"--from {export}: it holds a run of suite {old.get('name')!r}, not {suite.name!r}")
+    whole = parse_suite(suite.raw, suite.path) if suite.raw else suite
+    try:
+        before = cell_digests(parse_suite(old["content"], str(old.get("path", "suite.json"))))
+    except SuiteError as exc:
+        raise SuiteError(f"--from {export}: its suite.json no longer parses ({exc})") from None
+    now, cells = cell_digests(whole), plan_cells(whole, devices)
+    takeable = set()
+    for cell in cells:
+        record = source.read_meta(f"cells/{cell.cell_id}.json") if source.is_done(cell.cell_id) else {}
+        if (record.get("status") == "ok" and before.get(cell.cell_id) == now[cell.cell_id]
+                and not store.is_done(cell.cell_id)):
+            takeable.add(cell.cell_id)
+    changed = True
+    while changed:  # a backbone comes only with everything built on it
+        changed = False
+        for cell in cells:
+            if cell.cell_id not in takeable and not store.is_done(cell.cell_id):
+                needed = {d.cell_id for d in dependency_chain(cell, whole)} & takeable
+                if needed:
+                    takeable -= needed
+                    changed = True
+    store.cells_dir.mkdir(parents=True, exist_ok=True)
+    for cell_id in sorted(takeable):
+        found = outcomes_path(source.run_dir, cell_id)
+        if found.exists():
+            outcomes_path(store.run_dir, cell_id).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(found, outcomes_path(store.run_dir, cell_id))
+        shutil.copy2(source.cell_path(cell_id), store.cell_path(cell_id))
+        echo(f"{cell_id}: taken from {export} (unchanged; no checkpoint)")
+    return sorted(takeable)
+
+
 def _with_dependents(chosen: set[str], cells: list[Cell], suite: Suite) -> set[str]:
     """``chosen`` and every cell that starts from one of them (``weights: cell:LABEL``, transitively)."""
     return chosen | {c.cell_id for c in cells if set(d.cell_id for d in dependency_chain(c, suite)) & chosen}
@@ -216,10 +267,12 @@ def set_aside_for_remeasure(store: RunStore, cell_ids: list[str], echo: Callable
 
 def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, progress: bool = False,
               echo: Callable[[str], None] = lambda s: None, remeasure: bool = False, jobs: int | None = None,
-              executor: str = "process", rerun: list[str] | None = None) -> RunSummary:
+              executor: str = "process", rerun: list[str] | None = None,
+              seed_from: Path | None = None) -> RunSummary:
     """Run every cell of ``suite`` into ``out_dir``; finished cells there are skipped (with
     ``remeasure``: set aside first and measured again from their checkpoints; those of the models named
-    in ``rerun``, and those made by other code, run again from scratch: :func:`check_finished_cells`).
+    in ``rerun``, and those made by other code, run again from scratch: :func:`check_finished_cells`;
+    ``seed_from``: an exported run whose unchanged finished cells are taken first, :func:`seed_from_export`).
     ``executor`` "process"
     with ``jobs`` None or 1 runs the cells one after the other in this process; more ``jobs``, or
     executor "local"/"slurm" (submitit), runs them elsewhere (:func:`fractalbench.harness.executors.run_elsewhere`)."""
@@ -237,6 +290,8 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     raise_for_suite(suite, splits_cache)  # and everything else that can be checked (harness.preflight)
     for line in precision_warnings(suite, devices or suite.devices):
         echo(line)
+    if seed_from is not None:
+        seed_from_export(store, suite, seed_from, echo, devices)
     check_finished_cells(store, suite, plan_cells(suite, devices), echo, chosen)
     if remeasure:
         set_aside_for_remeasure(store, [c.cell_id for c in plan_cells(suite, devices)], echo)

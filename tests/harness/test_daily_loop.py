@@ -154,6 +154,35 @@ def test_rerun_and_force_run_chosen_cells_again(tmp_path, capsys):
     assert code == 2 and "--rerun: no model 'lin3' in suite s; did you mean: lin2, linear?" in err
 
 
+def test_a_run_continues_from_an_export_taking_only_unchanged_cells(tmp_path, capsys):
+    """--from EXPORT: a reference run continued in a later session from what was committed (cells and
+    outcomes, no checkpoints). Unchanged cells are taken; an edited entry runs; a backbone that a
+    pending cell starts from (cell:LABEL) is not taken, since it has no checkpoint to start from."""
+    first = ("name: s\ndatasets: [{name: digits}]\nmodels: [linear, {name: linear, label: lin2},\n"
+             "  {name: linear, label: base}, {name: linear, label: top, weights: 'cell:base'}]\n"
+             "train: {epochs: 1}\nmetrics: [accuracy]\n")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(first)
+    run, export = tmp_path / "run", tmp_path / "export"
+    assert run_cli(capsys, "run", str(suite), "--out", str(run), "--no-report")[0] == 0
+    assert run_cli(capsys, "export", str(run), str(export), "--command", "x")[0] == 0
+    assert not list(export.rglob("*.pt"))  # no checkpoints travel
+    suite.write_text(first.replace("{name: linear, label: lin2}", "{name: linear, label: lin2, train: {lr: 0.5}}")
+                     .replace("weights: 'cell:base'", "weights: 'cell:base', train: {lr: 0.2}"))
+    code, out, _ = run_cli(capsys, "run", str(suite), "--out", str(tmp_path / "next"), "--no-report",
+                           "--from", str(export))
+    assert code == 0, out
+    assert "linear__digits__cpu: taken from" in out
+    assert "lin2__digits__cpu: taken" not in out and "top__digits__cpu: taken" not in out
+    assert "base__digits__cpu: taken" not in out  # top runs again and needs base's checkpoint
+    assert "3 cell(s) finished, 1 skipped" in out
+    taken = json.loads((tmp_path / "next" / "cells" / "linear__digits__cpu.json").read_text())
+    assert taken == json.loads((run / "cells" / "linear__digits__cpu.json").read_text())
+    assert (tmp_path / "next" / "outcomes" / "linear__digits__cpu.npz").is_file()
+    code, _, err = run_cli(capsys, "run", str(suite), "--out", str(tmp_path / "n2"), "--from", str(tmp_path / "no"))
+    assert code == 2 and f"--from {tmp_path / 'no'}" in err
+
+
 # ----- every suite problem at once; validate; exit shapes ----------------------------------------------
 
 EIGHT_MISTAKES = """name: bad8
