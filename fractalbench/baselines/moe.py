@@ -49,7 +49,8 @@ labelled variant, every expert on every token, combined with the routing weights
 Trace. ``experts``: LongTensor [N, L, T*k], expert of layer l for (token t, choice s) at index
 ``t*k + s`` (-1 = dropped); for top-1 that is [N, L, T]. Expert choice: [N, L, T*E], index
 ``t*E + e`` is e when expert e took token t, else -2 (an empty slot, not a drop); a token that no
-expert took has -1 in its first slot (dropped), so -1 counts dropped tokens and dropped choices. ``unit_counts``: ``base`` = 1 and
+expert took has -1 in its first slot (dropped), so -1 counts dropped tokens and dropped choices.
+``unit_counts``: ``base`` = 1 and
 ``layer{l}_expert{e}`` = how many of sample n's tokens expert e of layer l processed (T for every
 expert in mask mode). Cost units: ``base`` = a forward in which every layer routes but no expert
 runs (stem, backbone, norms, routers, head: the router belongs to base; the noise projection is

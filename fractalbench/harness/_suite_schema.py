@@ -499,19 +499,19 @@ class Suite(Section):
         if repeated:
             raise fail("labels must be unique; repeated: {repeated} (give each a distinct `label`)",
                        repeated=", ".join(repeated))
-        for i, entry in enumerate(models):
-            def visit(current: ModelEntry, seen: list[str]) -> None:
-                for label in current.cell_sources:
-                    if label not in labels:
-                        raise fail("models[{i}].weights.source cell:{label}: no model entry of this suite has that "
-                                   "label; allowed: {allowed}", i=i, label=label,
-                                   allowed=", ".join(x for x in labels if x != entry.display))
-                    if label in seen:
-                        raise fail("models[{i}].weights.source cell:{label}: the weights refer back to themselves "
-                                   "({chain})", i=i, label=label, chain=" -> ".join([*seen, label]))
-                    visit(models[labels.index(label)], [*seen, label])
+        def visit(i: int, entry: ModelEntry, current: ModelEntry, seen: list[str]) -> None:
+            for label in current.cell_sources:
+                if label not in labels:
+                    raise fail("models[{i}].weights.source cell:{label}: no model entry of this suite has that "
+                               "label; allowed: {allowed}", i=i, label=label,
+                               allowed=", ".join(x for x in labels if x != entry.display))
+                if label in seen:
+                    raise fail("models[{i}].weights.source cell:{label}: the weights refer back to themselves "
+                               "({chain})", i=i, label=label, chain=" -> ".join([*seen, label]))
+                visit(i, entry, models[labels.index(label)], [*seen, label])
 
-            visit(entry, [entry.display])
+        for i, entry in enumerate(models):
+            visit(i, entry, entry, [entry.display])
         return models
 
     @field_validator("seeds")

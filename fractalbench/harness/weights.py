@@ -414,7 +414,8 @@ def submodule(model: nn.Module, into: str | None, name: str = "the model") -> nn
         return model.get_submodule(into)
     except AttributeError:
         children = ", ".join(n for n, _ in model.named_children()) or "none"
-        raise WeightsError(f"weights into {into!r}: {name} has no such submodule (its submodules: {children})") from None
+        raise WeightsError(f"weights into {into!r}: {name} has no such submodule (its submodules: {children})"
+                           ) from None
 
 
 def one_normalisation(loaded: list[LoadedWeights]) -> Normalisation | None:

@@ -28,7 +28,8 @@ from fractalbench.harness._suite_schema import (
 )
 from fractalbench.harness.suites import METRICS, SuiteError, list_suites, parse_suite, suite_json_schema
 
-KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "default", "type", "enum", "const", "anyOf", "oneOf", "allOf",
+KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "default", "type", "enum", "const", "anyOf", "oneOf",
+            "allOf",
             "if", "then", "properties", "required", "additionalProperties", "patternProperties", "items", "minItems",
             "minLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
 TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
