@@ -399,12 +399,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{how}: finished cells are saved; run the same command again to resume ({out})", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     if not args.no_report:
-        print(f"report: {_write_report([out], None).resolve()}")
+        if not summary.finished and _report_is_current(out):
+            print(f"report: {(out / 'report.html').resolve()} (up to date: no cell changed since it was "
+                  f"written; `fractalbench report {out}` draws it again)")
+        else:
+            print(f"report: {_write_report([out], None).resolve()}")
     if summary.failed:
         print(f"{len(summary.failed)} cell(s) failed: {', '.join(summary.failed)} (errors in the report and in "
               f"{out}/cells/)", file=sys.stderr)
         return EXIT_CELLS_FAILED
     return EXIT_OK
+
+
+def _report_is_current(run: Path) -> bool:
+    """Whether ``run``'s report.html was written after every cell file and outcome (a resume that ran
+    nothing then leaves it as it is: seconds instead of redrawing every plot). The run's suite.json and
+    environment.json are rewritten by every resume and do not count."""
+    report = run / "report.html"
+    if not report.is_file():
+        return False
+    inputs = [p for folder in ("cells", "outcomes") for p in (run / folder).glob("*") if p.is_file()]
+    written = report.stat().st_mtime_ns
+    return all(p.stat().st_mtime_ns <= written for p in inputs)
 
 
 def _write_report(runs: list[Path], out: Path | None) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -173,12 +174,26 @@ def load_dataset(cfg: DatasetConfig) -> DataSplits:
     return load_from_disk(cfg, DatasetError)
 
 
-def _digits(cfg: DatasetConfig) -> DataSplits:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 UCI optical digits scikit-learn bundles: pixels [1797, 8, 8] (0-16) and labels. Read
+    straight from the package's ``datasets/data/digits.csv.gz`` (as ``load_digits`` reads it), found
+    without importing scikit-learn (seconds of imports a resume with nothing to do would wait for)."""
+    import importlib.util
 
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8]
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():  # another layout: let scikit-learn find it
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return np.asarray(bunch.images), np.asarray(bunch.target, dtype=np.int64)
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
+def _digits(cfg: DatasetConfig) -> DataSplits:
+    pixels, labels = digits_arrays()
+    images = torch.tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8]
     size = cfg.image_size or 8
     images = _resize(images, size)
     train_idx, test_idx = stratified_split(labels, 0.2)

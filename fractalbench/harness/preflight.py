@@ -22,7 +22,7 @@ way :class:`fractalbench.harness.suites.SuiteError` does; :func:`raise_for_suite
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -197,13 +197,19 @@ def _batch_problems(suite: Suite, index: int, entry: ModelEntry, dataset: Datase
 
 
 def check_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits],
-                unreachable: list[str] | None = None) -> list[str]:
+                unreachable: list[str] | None = None, finished: Collection[str] = ()) -> list[str]:
     """Every problem of ``suite`` with its data ``splits`` (each dataset of the suite, loaded), one
     line each: ``suite PATH: field 'FIELD': problem``. Empty when the suite can run. With an
-    ``unreachable`` list, weights URLs that cannot be downloaded here go there instead of the problems."""
+    ``unreachable`` list, weights URLs that cannot be downloaded here go there instead of the problems.
+    ``finished``: labels of entries whose every cell is done in the run (a resume): they are not
+    built and run again here (a resume with nothing to do stays quick); their settings still are checked."""
     problems: list[str] = []
     for dataset in suite.datasets:
         for i, entry in enumerate(suite.models):
+            if entry.display in finished:
+                found = _batch_problems(suite, i, entry, dataset, splits[dataset])
+                problems += [p for p in found if p not in problems]
+                continue
             found, model = _model_problems(i, entry, splits[dataset], suite, unreachable)
             if model is not None:
                 found += _freeze_problems(suite, i, entry, model)
@@ -234,8 +240,8 @@ def precision_warnings(suite: Suite, devices: Sequence[str], native_bf16: bool |
             "cells run again)"]
 
 
-def raise_for_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits]) -> None:
+def raise_for_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits], finished: Collection[str] = ()) -> None:
     """SuiteError with every problem of :func:`check_suite` (one per line), if there is any."""
-    problems = check_suite(suite, splits)
+    problems = check_suite(suite, splits, finished=finished)
     if problems:
         raise SuiteError("\n".join(problems))

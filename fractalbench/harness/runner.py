@@ -287,11 +287,14 @@ def run_suite(suite: Suite, out_dir: Path, *, devices: list[str] | None = None, 
     splits_cache: dict[DatasetConfig, DataSplits] = {}
     for ds in suite.datasets:  # missing datasets fail before any cell runs
         splits_cache[ds] = load_dataset(ds)
-    raise_for_suite(suite, splits_cache)  # and everything else that can be checked (harness.preflight)
-    for line in precision_warnings(suite, devices or suite.devices):
-        echo(line)
     if seed_from is not None:
         seed_from_export(store, suite, seed_from, echo, devices)
+    planned = plan_cells(suite, devices)
+    finished = {c.model.display for c in planned} - {c.model.display for c in planned if not store.is_done(c.cell_id)}
+    # and everything else that can be checked (harness.preflight); entries already done are not built again
+    raise_for_suite(suite, splits_cache, finished=finished if not (chosen or remeasure) else ())
+    for line in precision_warnings(suite, devices or suite.devices):
+        echo(line)
     check_finished_cells(store, suite, plan_cells(suite, devices), echo, chosen)
     if remeasure:
         set_aside_for_remeasure(store, [c.cell_id for c in plan_cells(suite, devices)], echo)

@@ -183,6 +183,26 @@ def test_a_run_continues_from_an_export_taking_only_unchanged_cells(tmp_path, ca
     assert code == 2 and f"--from {tmp_path / 'no'}" in err
 
 
+def test_a_resume_with_nothing_to_do_builds_nothing_and_keeps_a_current_report(tmp_path, capsys, monkeypatch):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ndatasets: [{name: digits}]\nmodels: [linear]\ntrain: {epochs: 1}\n"
+                     "metrics: [accuracy]\n")
+    run = tmp_path / "run"
+    assert run_cli(capsys, "run", str(suite), "--out", str(run))[0] == 0
+    written = (run / "report.html").stat().st_mtime_ns
+    from fractalbench.harness import preflight
+
+    built = []
+    real = preflight._model_problems
+    monkeypatch.setattr(preflight, "_model_problems", lambda *a, **k: built.append(a[1].display) or real(*a, **k))
+    code, out, _ = run_cli(capsys, "run", str(suite), "--out", str(run))
+    assert code == 0 and "(up to date: no cell changed" in out and built == []  # the finished entry is not built
+    assert (run / "report.html").stat().st_mtime_ns == written
+    (run / "cells" / "linear__digits__cpu.json").touch()  # a cell newer than the report: drawn again
+    code, out, _ = run_cli(capsys, "run", str(suite), "--out", str(run))
+    assert code == 0 and "up to date" not in out and (run / "report.html").stat().st_mtime_ns > written
+
+
 # ----- every suite problem at once; validate; exit shapes ----------------------------------------------
 
 EIGHT_MISTAKES = """name: bad8

@@ -155,3 +155,14 @@ def test_image_folder_errors_name_the_folder(tmp_path):
     (tmp_path / "test" / "a").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no images under"):
         load_dataset(DatasetConfig("imagefolder", root=str(tmp_path)))
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from fractalbench.harness.data import digits_arrays
+
+    pixels, labels = digits_arrays()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 8, 8) and np.array_equal(pixels, bunch.images)
+    assert np.array_equal(labels, bunch.target) and np.bincount(labels).tolist() == np.bincount(bunch.target).tolist()
