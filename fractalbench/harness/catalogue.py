@@ -117,6 +117,9 @@ METRICS: tuple[Metric, ...] = (
     _m("gate_rate", "fraction", "info", "dynamic", False, "share of samples executing gated block `detail.gate`"),
     _m("expert_load", "fraction", "info", "dynamic", False,
        "share of routed tokens of layer `detail.layer` sent to expert `detail.expert`"),
+    _m("routing_weight", "fraction", "info", "dynamic", False,
+       "soft routing (dynamic convolution): expert `detail.expert`'s share of layer `detail.layer`'s routing weight "
+       "over the test images; detail: the mean weight and its p10/p50/p90/min/max"),
     # latency
     _m("latency", "ms", "timing", "latency", True,
        "ms per call: forced path to `exit` (policy empty) or the operating point (`policy`, `threshold`)"),
