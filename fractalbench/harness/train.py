@@ -92,7 +92,8 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.freeze not in FREEZE:
             raise ValueError(f"freeze {self.freeze!r} is not one of {', '.join(FREEZE)}")
-        if not 0 <= self.warmup_epochs <= max(self.epochs, 0):
+        if self.warmup_epochs < 0 or (self.epochs > 0 and self.warmup_epochs > self.epochs):
+            # epochs 0 (weights measured as loaded) trains nothing: an inherited warm-up does not matter
             raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie between 0 and epochs ({self.epochs})")
 
 

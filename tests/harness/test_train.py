@@ -195,3 +195,6 @@ def test_warmup_rises_linearly_then_the_cosine_runs_over_the_remaining_steps():
 def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ValueError, match="warmup_epochs 3 must lie between 0 and epochs \\(2\\)"):
         TrainConfig(epochs=2, warmup_epochs=3)
+    with pytest.raises(ValueError, match="warmup_epochs -1 must lie between 0 and epochs \\(0\\)"):
+        TrainConfig(epochs=0, warmup_epochs=-1)
+    assert TrainConfig(epochs=0, warmup_epochs=0.3).epochs == 0  # nothing trains: an inherited warm-up is moot
