@@ -109,6 +109,10 @@ def gate_suite_from_smoke() -> dict:
         item.pop("attribute_sweep", None)
         if (CHECKPOINTS / f"{entry.display}.pt").is_file():  # noop has no parameters, so no checkpoint
             item["weights"] = f"gate_checkpoints/{entry.display}.pt"
+        elif entry.weights is not None:  # measured as assembled (epochs 0, e.g. a cascade of two cells): its
+            item["weights"] = [  # sources, each cell's committed checkpoint instead of the cell
+                {"source": f"gate_checkpoints/{w.cell_label}.pt" if w.kind == "cell" else w.source,
+                 **({"into": w.into} if w.into else {})} for w in entry.weights]
         models.append(item)
     raw.pop("train", None)
     raw.update(name="gate", description="the smoke suite's trained checkpoints measured without training (CI gate)",
