@@ -384,11 +384,20 @@ def plot_exit_histograms(table: pd.DataFrame, folder: Path) -> list[Plot]:
                  "Fraction of test samples leaving at each exit under a policy (up to five settings per model).")]
 
 
+MAX_GATES_PLOTTED = 64
+"""Models with more gates than this (channel gating: one per channel) are left out of the skip-rate bars."""
+
+
 def plot_skip_rates(table: pd.DataFrame, folder: Path) -> list[Plot]:
     """Share of samples skipping each gated block (``table``: :func:`fractalbench.reports.tables.skip_rates`)."""
     if table.empty:
         return []
-    models = list(dict.fromkeys(zip(table["label"], table["dataset"], table["device"], table["policy"])))[:MAX_PANELS]
+    sizes = table.groupby(["label", "dataset", "device", "policy"], sort=False)["block"].nunique()
+    wide = sorted({label for (label, *_), n in sizes.items() if n > MAX_GATES_PLOTTED})
+    models = [m for m in dict.fromkeys(zip(table["label"], table["dataset"], table["device"], table["policy"]))
+              if sizes[m] <= MAX_GATES_PLOTTED][:MAX_PANELS]
+    if not models:
+        return []
     fig, axes = new_figure(7.5, 3.8)
     ax = axes[0][0]
     width = 0.8 / len(models)
@@ -402,8 +411,10 @@ def plot_skip_rates(table: pd.DataFrame, folder: Path) -> list[Plot]:
     ax.set_ylim(0, 1)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
+    left_out = (f" Not drawn: {', '.join(wide)} (more than {MAX_GATES_PLOTTED} gates, e.g. one per channel; "
+                "their gate_rate rows are in the tables).") if wide else ""
     return [save(fig, folder, "skip_rates", "Skip rate per gated block",
-                 "Fraction of test samples that skip each gated block (1 - gate execution rate).")]
+                 "Fraction of test samples that skip each gated block (1 - gate execution rate)." + left_out)]
 
 
 def plot_expert_load(table: pd.DataFrame, folder: Path) -> list[Plot]:
