@@ -243,7 +243,12 @@ def step_learned_decisions(s: CellState) -> Rows:
     """Gated and routed models: the model's own decisions, and (with suite budgets) the decision
     threshold fitted to each budget on validation (:func:`_decision_points`)."""
     label, decisions = LEARNED_POINT[s.kind]
-    learned = OperatingPoint(label, None, None, "train", {"decisions": decisions})
+    # its validation top-1 and MACs, as the fitted points carry, so that a summary's chosen point can rank
+    # the learned decisions with them without looking at test
+    val_logits, val_trace, val_labels = run_policy(s.model, s.splits.val, None, s.suite.eval_batch_size, s.device)
+    learned = OperatingPoint(label, None, None, "train", {
+        "decisions": decisions, "validation_top1": topk_accuracy(val_logits, val_labels, 1),
+        "validation_expected_macs": expected_macs(val_trace, s.need("cost_table")).mean})
     return _score_points(s, [learned, *_decision_points(s)])
 
 

@@ -91,6 +91,26 @@ def test_operating_points_carry_one_key_on_accuracy_cost_and_latency_rows(tmp_pa
     assert grid and grid <= {(r["policy"], r["threshold"]) for r in rows if r["metric"] == "expected_macs"}
 
 
+def test_learned_decisions_carry_their_validation_accuracy_to_be_ranked_without_test(tmp_path):
+    """A routed model's own routing is ranked against the budget fits by validation top-1 (a budget point
+    at chance must never be chosen over a router that is right on validation)."""
+    from fractalbench.harness.evaluate import run_policy, topk_accuracy
+
+    state = state_for("switch_resnet20", tmp_path)
+    state.suite = state.suite.model_copy(update={"budgets": (0.5,)})
+    torch.manual_seed(0)
+    rows = []
+    for step in plan_steps(state, frozenset({"sweep", "cost"})):
+        rows.extend(step.run(state))
+    import json
+
+    router = next(r for r in rows if r["metric"] == "policy_top1" and r["policy"] == "router")
+    detail = json.loads(router["detail"]) if isinstance(router["detail"], str) else router["detail"]
+    logits, _, labels = run_policy(state.model, state.splits.val, None, 256, "cpu")
+    assert detail["validation_top1"] == pytest.approx(topk_accuracy(logits, labels, 1))
+    assert detail["validation_expected_macs"] > 0 and detail["fitted_on"] == "train"
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
