@@ -43,6 +43,11 @@ SUITE = "smoke"  # the suite whose models the gate's checkpoints are
 #: Measured by `flips` (the numbers in the committed baseline's README entry): test outcomes of the
 #: gate suite that differ between oneDNN on and off, over every accuracy row of every model.
 MEASURED_FLIPS = {"AuthenticAMD": 0}
+#: Smoke models a vendor's training baseline does not hold yet, because it can only be written on a
+#: CPU of that vendor (`make train-baseline` there): the families added on an AMD machine (issue 25).
+PENDING_TRAINING_BASELINE = {"GenuineIntel": {
+    "expert_choice_resnet20", "blockdrop_resnet20", "slimmable_resnet20", "fbs_resnet20", "condconv_resnet20_w8",
+    "msdnet_cifar_anytime", "cascade_linear_resnet20"}}
 
 
 def baseline_for(vendor: str) -> Path:
