@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fractalbench.baselines.resnet import CifarResNet
+from fractalbench.baselines.resnet import CifarResNet, run_block_on_rows
 from fractalbench.harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
 from fractalbench.harness.policies import decision_threshold
 from fractalbench.harness.registry import ModelCard, recipe_text, register_model
@@ -240,16 +240,7 @@ class BlockDrop(DynamicModel):
         mask: every block on every row, then select), classifier."""
         h = self.backbone.stem(x)
         for k, block in enumerate(self._blocks):
-            on = keep[:, k]
-            if mode == "mask":
-                h = torch.where(on[:, None, None, None], block(h), block.shortcut(h))
-            elif bool(on.all()):
-                h = block(h)
-            elif bool(on.any()):
-                idx = on.nonzero().squeeze(1)
-                h = block.shortcut(h).index_copy(0, idx, block(h.index_select(0, idx)))
-            else:
-                h = block.shortcut(h)  # a dropped block: its shortcut only
+            h = run_block_on_rows(block, h, keep[:, k], mode)  # a dropped block: its shortcut only
         return self.backbone.head(h)
 
     # ----- inference --------------------------------------------------------------------------

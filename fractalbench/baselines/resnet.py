@@ -11,6 +11,7 @@ variant registered with a model card that carries the published numbers, and its
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,6 +53,21 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.residual(x) + self.shortcut(x))
+
+
+def run_block_on_rows(block: BasicBlock, h: Tensor, on: Tensor, mode: str = "compact") -> Tensor:
+    """A residual block that only the rows ``on`` (bool [N]) execute; the others take its
+    parameter-free shortcut. ``compact``: the block runs on the kept rows alone (none: not called);
+    ``mask``: the labelled variant, the block on every row, then selected (SkipNet's gates,
+    BlockDrop's policy)."""
+    if mode == "mask":
+        return torch.where(on[:, None, None, None], block(h), block.shortcut(h))
+    if bool(on.all()):
+        return block(h)
+    if bool(on.any()):
+        idx = on.nonzero().squeeze(1)
+        return block.shortcut(h).index_copy(0, idx, block(h.index_select(0, idx)))
+    return block.shortcut(h)  # a skipped block passes its input through its shortcut
 
 
 class CifarResNet(nn.Module):

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fractalbench.baselines.resnet import CifarResNet
+from fractalbench.baselines.resnet import CifarResNet, run_block_on_rows
 from fractalbench.harness.contract import CostUnit, DynamicModel, DynamicOutput, Trace, check_exit_index, check_mode
 from fractalbench.harness.policies import decision_threshold
 from fractalbench.harness.registry import ModelCard, recipe_text, register_model
@@ -264,15 +264,7 @@ class SkipNet(DynamicModel):
             on = p > threshold if forced is None else forced[:, g]
             bits.append(on)
             probs.append(p)
-            if mode == "mask":
-                h = torch.where(on[:, None, None, None], block(h), block.shortcut(h))
-            elif bool(on.all()):
-                h = block(h)
-            elif bool(on.any()):
-                idx = on.nonzero().squeeze(1)
-                h = block.shortcut(h).index_copy(0, idx, block(h[idx]))
-            else:
-                h = block.shortcut(h)  # a skipped block passes its input through its shortcut
+            h = run_block_on_rows(block, h, on, mode)
         logits = self.backbone.head(h)
         gates = torch.stack(bits, 1) if bits else torch.zeros(n, 0, dtype=torch.bool, device=x.device)
         counts = {"base": torch.ones(n, device=x.device)}
