@@ -49,7 +49,12 @@ def _figure(model: pd.DataFrame) -> Any:
         exits = [exits[i] for i in np.unique(np.linspace(0, len(exits) - 1, MAX_PANELS).round().astype(int))]
     cols = min(PANEL_COLUMNS, len(exits))
     rows = int(np.ceil(len(exits) / cols))
-    fig, axes = new_figure(2.9 * cols, 2.7 * rows, ncols=cols, nrows=rows)
+    width, height = 2.9 * cols, 2.7 * rows
+    # a fixed grid (margins in inches): these panels are alike, so constrained layout's measuring of every
+    # tick label (most of the figure's time) would find the same margins
+    fig, axes = new_figure(width, height, ncols=cols, nrows=rows, layout=None)
+    fig.subplots_adjust(left=0.55 / width, right=1 - 0.2 / width, bottom=0.45 / height, top=1 - 0.3 / height,
+                        wspace=0.55 * cols / width * 1.45, hspace=0.75 * rows / height * 1.6)
     flat = [a for r in axes for a in r]
     for ax, k in zip(flat, exits):
         part = model[model["exit"] == k]
