@@ -42,20 +42,23 @@ each expert into the samples that keep it only (one ``[n_k, 1] @ [1, P]`` produc
 n_k x P MACs) and convolves only the samples with a kernel. No weight is renormalised. Sigmoid and
 softmax weights lie in [0, 1], so t in [0, 1] spans everything (t = 0) to nothing (t > every weight).
 
-``mode="mask"`` is the labelled compute-everything variant, the paper's mixture-of-experts form:
-every expert kernel is weighted by the sample's routing weight (a dropped expert by 0) with one
-batched matrix product ``[K, N, 1] @ [K, 1, P]`` (the same K x P multiplications per sample as the
-mixture, whose additions move to the outputs), every weighted kernel is convolved with the sample
-(K convolutions per sample and layer, one grouped ``F.conv2d``) and the K outputs are summed.
-Same logits as compact mode (convolution is linear in the kernel); K times the convolution MACs.
+``mode="mask"`` is the labelled compute-everything variant, the paper's mixture-of-experts form
+``sum_k r_k (W_k * x)``: every expert kernel is convolved with every sample (one ordinary
+``F.conv2d`` with the K kernels stacked as K x out output channels: K convolutions per sample and
+layer), then the K outputs are mixed by the sample's routing weights (a dropped expert weighs 0) with
+one batched matrix product ``[N, 1, K] @ [N, K, out H' W']``: K x out x H' x W' multiply-adds per
+sample, the mixing moved from the kernels to the outputs. Same logits as compact mode (convolution
+is linear in the kernel); K times the convolution MACs.
 
 Cost units (:meth:`CondConvResNet.cost_units`, probes at batch 1, layers numbered 0..L-1 in
 network order): ``base`` = a forward in which every CondConv layer runs its router and outputs
 zeros (stem, routers, batch norms, head); ``layer{l}_aggregate`` (baseline ``base``) = one expert
 kernel weighted into one sample's kernel: P_l MACs; ``layer{l}_conv`` (baseline ``base``) = one
-sample convolved with one kernel: P_l x H_out x W_out MACs, the single-kernel cost. Trace (compact):
-``layer{l}_aggregate`` = the number of experts sample n keeps (K at t = 0), ``layer{l}_conv`` = 1
-if it keeps any, else 0; mask mode: K and K. Per sample at t = 0 the executed MACs are
+sample convolved with one kernel: P_l x H_out x W_out MACs, the single-kernel cost;
+``layer{l}_mix`` (baseline ``base``) = one expert's output weighted into one sample's output:
+out_l x H_out x W_out MACs (mask mode only). Trace (compact): ``layer{l}_aggregate`` = the number of
+experts sample n keeps (K at t = 0), ``layer{l}_conv`` = 1 if it keeps any, else 0,
+``layer{l}_mix`` = 0; mask mode: 0, K and K. Per sample at t = 0 the executed MACs are
 ``base + sum_l (K P_l + P_l H_l W_l)``. ``experts``: [N, L, K], k where expert k entered sample n's
 kernel in layer l, -1 where it was dropped; ``extras["routing_weights"]``: [N, L, K].
 Cost roles: every layer's router is ``routers``, the classifier (``head``) the exit head; the
@@ -119,7 +122,7 @@ from fractalbench.harness.policies import decision_threshold
 from fractalbench.harness.registry import ModelCard, register_model
 
 ROUTERS = ("condconv", "dyconv")
-PROBES = ("router", "aggregate", "conv")
+PROBES = ("router", "aggregate", "conv", "mix")
 """What a CondConv layer runs in a cost probe: its router only (output zeros), the router and one
 expert weighted into one sample's kernel (output zeros), or the router and one convolution with one
 kernel."""
@@ -246,11 +249,10 @@ class CondConv2d(nn.Module):
 
     def _everything(self, x: Tensor, r: Tensor, kept: Tensor) -> Tensor:
         n, k = r.shape
-        weights = (r * kept).t().unsqueeze(2)  # [K, N, 1]: a dropped expert weighs 0
-        scaled = torch.bmm(weights, self.weight.flatten(1).unsqueeze(1))  # [K, N, P]: K x P MACs per sample
-        kernels = scaled.transpose(0, 1).reshape(n, k * self.out_channels, *self.weight.shape[2:])
-        y = per_sample_conv(x, kernels, self.stride, self.padding)  # [N, K*out, H', W']: K convolutions a sample
-        return y.view(n, k, self.out_channels, *y.shape[-2:]).sum(1)
+        kernels = self.weight.flatten(0, 1)  # [K*out, C, kh, kw]: every expert, the same for every sample
+        y = F.conv2d(x, kernels, None, self.stride, self.padding)  # [N, K*out, H', W']: K convolutions a sample
+        mixed = torch.bmm((r * kept).unsqueeze(1), y.reshape(n, k, -1))  # [N, 1, out H' W']: K x out H' W' MACs
+        return mixed.view(n, self.out_channels, *y.shape[-2:])
 
     def _probe(self, x: Tensor, r: Tensor, what: str) -> Tensor:
         if what not in PROBES:
@@ -260,7 +262,10 @@ class CondConv2d(nn.Module):
             r[:, :1] @ self.weight.flatten(1)[:1]  # one expert into each sample's kernel: P MACs a sample
         if what == "conv":
             return per_sample_conv(x, self.weight[:1].expand(n, *self.weight.shape[1:]), self.stride, self.padding)
-        return self._zeros(x, n)
+        zeros = self._zeros(x, n)
+        if what == "mix":  # one expert's output into each sample's output: out H' W' MACs a sample
+            torch.bmm(r[:, None, :1], zeros.reshape(n, 1, -1))
+        return zeros
 
     @torch.no_grad()
     def upcycle(self, dense_weight: Tensor, noise: float) -> None:
@@ -306,6 +311,7 @@ class CondConvResNet(DynamicModel):
     dynamic_kind = "routed"
     num_exits = 1
     ddp_find_unused_parameters = False  # every expert and router gets a gradient in every training step
+    mask_replaces = {"layer*_aggregate": "layer*_mix"}  # mask mode mixes the K outputs, not the kernels
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, *, num_experts: int = 4,
                  router: str = "condconv", reduction: int = 4, upcycle_noise: float = 0.01,
@@ -401,12 +407,14 @@ class CondConvResNet(DynamicModel):
         device = kept.device
         counts = {"base": torch.ones(n, device=device)}
         for layer in range(layers):
-            if mode == "mask":
-                counts[f"layer{layer}_aggregate"] = torch.full((n,), float(k), device=device)
+            if mode == "mask":  # K convolutions, their outputs mixed; no kernel is mixed
+                counts[f"layer{layer}_aggregate"] = torch.zeros(n, device=device)
                 counts[f"layer{layer}_conv"] = torch.full((n,), float(k), device=device)
+                counts[f"layer{layer}_mix"] = torch.full((n,), float(k), device=device)
             else:
                 counts[f"layer{layer}_aggregate"] = kept[:, layer].sum(1).float()
                 counts[f"layer{layer}_conv"] = kept[:, layer].any(1).float()
+                counts[f"layer{layer}_mix"] = torch.zeros(n, device=device)
         experts = torch.where(kept, torch.arange(k, device=device), torch.full_like(kept, -1, dtype=torch.long))
         return Trace(torch.zeros(n, dtype=torch.long, device=device), counts, experts=experts,
                      extras={"routing_weights": weights.detach()})
@@ -429,7 +437,7 @@ class CondConvResNet(DynamicModel):
     def cost_units(self) -> list[CostUnit]:
         units = [CostUnit("base", lambda x: self._run(x, probe=(-1, "router")))]
         for layer in range(self.num_layers):
-            for what in ("aggregate", "conv"):
+            for what in ("aggregate", "conv", "mix"):
                 units.append(CostUnit(f"layer{layer}_{what}",
                                       lambda x, layer=layer, what=what: self._run(x, probe=(layer, what)),
                                       baseline="base"))

@@ -33,7 +33,9 @@ The checker never raises for a defect of the model: everything it hits is a ``FA
    of each per exit, as :class:`fractalbench.harness.early_exit.EarlyExitNetwork`) see exactly the samples whose
    exit is k or later. Every dynamic kind: the batch runs fewer MACs in compact than in mask mode.
 7. ``masked mode``: ``mode="mask"`` takes the same decisions and gives the same logits as compact
-   mode. Gated, routed: no unit runs fewer times. Early exit: it computes everything: the batch
+   mode. Gated, routed: no unit runs fewer times, except units the model declares replaced in mask
+   mode (``mask_replaces``: another algorithm computes everything there), and then no sample costs
+   fewer MACs than in compact mode. Early exit: it computes everything: the batch
    counts N x the whole cascade (``exits[-1]``) and every sample's unit counts are those of a
    sample that compact mode took to the last exit (independent of the cost units, unlike check 4).
 """
@@ -42,6 +44,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import reduce
 from operator import or_
 from typing import Any
@@ -478,6 +481,14 @@ def check_masked_mode(ctx: CheckContext) -> tuple[str, str]:
         problems.append(f"logits {mismatch} from compact mode's")
     counts = {u: c.cpu() for u, c in mask.trace.unit_counts.items()}
     fewer = [u for u, c in out.trace.unit_counts.items() if u not in counts or bool((counts[u] < c.cpu()).any())]
+    replaced = contract.mask_replaces(ctx.model)
+    if replaced:  # another algorithm in mask mode: its units instead, and never cheaper for any sample
+        fewer = [u for u in fewer if not any(fnmatch(u, pattern) for pattern in replaced)]
+        cheaper = (contract.executed_macs(mask.trace, ctx.table).cpu()
+                   < contract.executed_macs(out.trace, ctx.table).cpu()).nonzero().flatten().tolist()
+        if cheaper:
+            problems.append(f"samples {cheaper[:5]} cost fewer MACs in mask mode than in compact mode, although "
+                            f"units {sorted(replaced)} are declared replaced by {sorted(replaced.values())} there")
     if fewer and ctx.kind != "early_exit":  # an early-exit unit may be one exit's path (counted once, at its exit)
         problems.append(f"units {fewer[:3]} run fewer times than in compact mode")
     if ctx.kind == "early_exit":

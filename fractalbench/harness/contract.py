@@ -250,6 +250,11 @@ OPTIONAL_HOOKS: dict[str, str] = {
                        "routing over the batch's tokens): the checker then verifies that a permuted batch gives the "
                        "permuted results instead of batch-1 equality, and batch-1 latency rows say that each sample "
                        "was routed alone; default False",
+    "mask_replaces": "mapping unit name pattern (fnmatch) -> the pattern of the units mode='mask' runs instead, "
+                     "where the compute-everything form is another algorithm (CondConv's mask mode convolves with "
+                     "every expert and mixes the outputs, so it mixes no kernel: {'layer*_aggregate': "
+                     "'layer*_mix'}): the checker lets such a unit run fewer times in mask mode when every sample "
+                     "still costs at least as many MACs there; default: none",
     "cost_roles": "mapping role (one of COST_ROLES) -> submodule name patterns (fnmatch, relative to the model, "
                   "e.g. 'heads', 'moe.*.router'): the modules whose MACs are that role's; default: nothing "
                   "declared, every MAC is backbone",
@@ -310,6 +315,11 @@ def on_backbone_loaded(model: nn.Module) -> None:
     hook = getattr(model, "on_backbone_loaded", None)
     if callable(hook):
         hook()
+
+
+def mask_replaces(model: nn.Module) -> dict[str, str]:
+    """The units ``model``'s mask mode replaces by others (its ``mask_replaces``; pattern -> pattern)."""
+    return dict(getattr(model, "mask_replaces", None) or {})
 
 
 def batch_dependent(model: nn.Module) -> bool:

@@ -73,6 +73,7 @@ def hand_counts(depth, k=K, size=32, classes=10, widths=(16, 32, 64)):
             "macs": dense["macs"] + k * sum(kernels) + router_macs,
             "base": stem_macs + router_macs + head_macs, "router_macs": router_macs, "head_macs": head_macs,
             "aggregate": kernels, "conv": [p * side * side for p, (_, _, side) in zip(kernels, layers)],
+            "mix": [cout * side * side for _, cout, side in layers],
             "mixed_network_params": dense["params"] + router_params}
 
 
@@ -98,8 +99,8 @@ def test_condconv_resnet20_parameters_and_macs_match_hand_computation(table20):
     assert counts == {"params": hand["params"], "params_active": hand["params"]}
     assert model.mixed_network_parameters() == hand["mixed_network_params"] == 272_290
     expected = {"base": hand["base"]}
-    for layer, (agg, conv) in enumerate(zip(hand["aggregate"], hand["conv"])):
-        expected.update({f"layer{layer}_aggregate": agg, f"layer{layer}_conv": conv})
+    for layer, (agg, conv, mix) in enumerate(zip(hand["aggregate"], hand["conv"], hand["mix"])):
+        expected.update({f"layer{layer}_aggregate": agg, f"layer{layer}_conv": conv, f"layer{layer}_mix": mix})
     assert dict(table.units) == expected
     assert unit_table(model, x) == expected  # plain FlopCounterMode, without the harness's counter
     assert table.unit_roles["base"] == {"backbone": 3 * 16 * 9 * 32 * 32, "heads": hand["head_macs"], "gates": 0,
@@ -108,6 +109,14 @@ def test_condconv_resnet20_parameters_and_macs_match_hand_computation(table20):
     assert rows["macs"] == hand["macs"] and rows["params"] == hand["params"]
     trace = contract.dynamic_forward(model, torch.randn(3, 3, 32, 32)).trace
     assert contract.executed_macs(trace, table).tolist() == [hand["macs"]] * 3
+    # mask mode, the mixture-of-experts form: K convolutions per layer, then K outputs mixed; no kernel mixing
+    masked_macs = hand["base"] + sum(4 * conv + 4 * mix for conv, mix in zip(hand["conv"], hand["mix"]))
+    assert masked_macs == hand["macs"] - 4 * 267_264 + 3 * sum(hand["conv"]) + 4 * sum(hand["mix"])
+    masked = contract.dynamic_forward(model, torch.randn(3, 3, 32, 32), mode="mask").trace
+    assert contract.executed_macs(masked, table).tolist() == [masked_macs] * 3
+    with flops.MacCounter(model) as counter, torch.no_grad():
+        contract.dynamic_forward(model, torch.randn(1, 3, 32, 32), mode="mask")
+    assert float(counter.result().total) == masked_macs
 
 
 @pytest.mark.parametrize("name,experts,size,widths", [("condconv_resnet56", 2, 32, (16, 32, 64)),
@@ -171,7 +180,8 @@ def test_grouped_path_equals_the_per_sample_loop_and_the_mixture_of_experts_form
     p, side = 5 * 6 * 9, 5
     routing = 6 * 3 if router == "condconv" else 6 * 1 + 1 * 3  # FC 6 -> K, or FC 6 -> 6 // 4 = 1 -> K
     assert counted_macs(layer, x[:1]) == routing + 3 * p + p * side * side  # router + mixing + one convolution
-    assert counted_macs(layer, x[:1], mode="mask") == routing + 3 * p + 3 * p * side * side  # K convolutions
+    # K convolutions, then their outputs (5 channels of side x side) mixed by the K weights
+    assert counted_macs(layer, x[:1], mode="mask") == routing + 3 * p * side * side + 3 * 5 * side * side
 
 
 def test_network_grouped_path_equals_loop_and_batch_one_equals_batched():
@@ -207,6 +217,8 @@ def test_threshold_drops_experts_and_skips_empty_kernels_compact_equals_mask_and
         assert out.trace.unit_counts[f"layer{layer}_aggregate"].tolist() == kept[:, layer].sum(1).float().tolist()
         assert out.trace.unit_counts[f"layer{layer}_conv"].tolist() == (~none_kept[:, layer]).float().tolist()
         assert masked.trace.unit_counts[f"layer{layer}_conv"].tolist() == [float(K)] * x.shape[0]
+        assert masked.trace.unit_counts[f"layer{layer}_mix"].tolist() == [float(K)] * x.shape[0]
+        assert masked.trace.unit_counts[f"layer{layer}_aggregate"].tolist() == [0.0] * x.shape[0]
     assert torch.allclose(out.logits, masked.logits, atol=1e-5 * out.logits.abs().max(), rtol=1e-4)
     table = table20
     samples = flops.oracle_check(model, x, table, policy, indices=list(range(x.shape[0])))
@@ -385,3 +397,34 @@ def test_dyconv_router_passes_every_check():
     model, x = settled(router="dyconv", size=16)
     report = run_checks(model, x, num_classes=10)
     assert all(r.status == "ok" for r in report.results), report.text()
+
+
+class MaskSkipsAConvolution(CondConvResNet):
+    """Declares the convolutions replaced in mask mode too, and charges none there: cheaper than compact."""
+
+    mask_replaces = {"layer*_aggregate": "layer*_mix", "layer*_conv": "layer*_mix"}
+
+    def _trace(self, weights, kept, mode):
+        trace = super()._trace(weights, kept, mode)
+        if mode == "mask":
+            for unit, counts in trace.unit_counts.items():
+                if unit.endswith(("_conv", "_mix")):
+                    counts.zero_()
+        return trace
+
+
+@pytest.mark.parametrize("declared,message", [
+    (True, "cost fewer MACs in mask mode than in compact mode"),
+    (False, "run fewer times than in compact mode")])
+def test_masked_mode_check_allows_declared_replaced_units_only_while_mask_costs_no_less(declared, message):
+    torch.manual_seed(0)
+    model = MaskSkipsAConvolution(20, 10, 3, widths=(4, 8, 8)).eval()
+    if not declared:
+        model.mask_replaces = {}
+    x = torch.randn(4, 3, 16, 16)
+    settle_batchnorm(model, x)
+    results = {r.name: r for r in run_checks(model, x, num_classes=10).results}
+    assert results["masked mode"].status == "FAIL" and message in results["masked mode"].detail
+    honest = CondConvResNet(20, 10, 3, widths=(4, 8, 8)).eval()
+    settle_batchnorm(honest, x)
+    assert {r.name: r for r in run_checks(honest, x, num_classes=10).results}["masked mode"].status == "ok"
