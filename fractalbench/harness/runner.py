@@ -148,7 +148,8 @@ def seed_from_export(store: RunStore, suite: Suite, export: Path, echo: Callable
     same in the export's suite and in ``suite``, and that the run does not hold yet: a reference run
     continued on another machine or in a later session from what was committed. A cell that another
     cell of the suite starts from (``weights: cell:LABEL``) is taken only with every such dependent
-    (it has no checkpoint to start from); only ``ok`` cells are taken. The ids taken."""
+    (it has no checkpoint to start from), and a dependent only with its backbone (a backbone trained
+    again is another network); only ``ok`` cells are taken. The ids taken."""
     import shutil
 
     from fractalbench.harness.results import ResultsError, check_run_dir
@@ -173,14 +174,17 @@ def seed_from_export(store: RunStore, suite: Suite, export: Path, echo: Callable
                 and not store.is_done(cell.cell_id)):
             takeable.add(cell.cell_id)
     changed = True
-    while changed:  # a backbone comes only with everything built on it
+    while changed:  # a backbone comes only with everything built on it, and a cell only with its backbone
         changed = False
         for cell in cells:
+            chain = {d.cell_id for d in dependency_chain(cell, whole)}
             if cell.cell_id not in takeable and not store.is_done(cell.cell_id):
-                needed = {d.cell_id for d in dependency_chain(cell, whole)} & takeable
-                if needed:
-                    takeable -= needed
+                if chain & takeable:  # it runs and needs their checkpoints, which the export lacks
+                    takeable -= chain
                     changed = True
+            elif cell.cell_id in takeable and any(d not in takeable and not store.is_done(d) for d in chain):
+                takeable.discard(cell.cell_id)  # its backbone runs again: it would stand on another one
+                changed = True
     store.cells_dir.mkdir(parents=True, exist_ok=True)
     for cell_id in sorted(takeable):
         found = outcomes_path(source.run_dir, cell_id)

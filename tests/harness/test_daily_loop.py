@@ -157,9 +157,11 @@ def test_rerun_and_force_run_chosen_cells_again(tmp_path, capsys):
 def test_a_run_continues_from_an_export_taking_only_unchanged_cells(tmp_path, capsys):
     """--from EXPORT: a reference run continued in a later session from what was committed (cells and
     outcomes, no checkpoints). Unchanged cells are taken; an edited entry runs; a backbone that a
-    pending cell starts from (cell:LABEL) is not taken, since it has no checkpoint to start from."""
+    pending cell starts from (cell:LABEL) is not taken, since it has no checkpoint to start from, and
+    so neither is its unchanged dependent: it would stand on a backbone that this run trains again."""
     first = ("name: s\ndatasets: [{name: digits}]\nmodels: [linear, {name: linear, label: lin2},\n"
-             "  {name: linear, label: base}, {name: linear, label: top, weights: 'cell:base'}]\n"
+             "  {name: linear, label: base}, {name: linear, label: top, weights: 'cell:base'},\n"
+             "  {name: linear, label: side, weights: 'cell:base'}]\n"
              "train: {epochs: 1}\nmetrics: [accuracy]\n")
     suite = tmp_path / "s.yaml"
     suite.write_text(first)
@@ -175,7 +177,8 @@ def test_a_run_continues_from_an_export_taking_only_unchanged_cells(tmp_path, ca
     assert "linear__digits__cpu: taken from" in out
     assert "lin2__digits__cpu: taken" not in out and "top__digits__cpu: taken" not in out
     assert "base__digits__cpu: taken" not in out  # top runs again and needs base's checkpoint
-    assert "3 cell(s) finished, 1 skipped" in out
+    assert "side__digits__cpu: taken" not in out  # unchanged, but its base runs again
+    assert "4 cell(s) finished, 1 skipped" in out
     taken = json.loads((tmp_path / "next" / "cells" / "linear__digits__cpu.json").read_text())
     assert taken == json.loads((run / "cells" / "linear__digits__cpu.json").read_text())
     assert (tmp_path / "next" / "outcomes" / "linear__digits__cpu.npz").is_file()
