@@ -17,8 +17,15 @@ Splitting (:func:`split_backbone`):
   blocks and consecutive leaf layers (conv, norm, activation, pooling) kept together as one unit;
   head = the remaining children. The split is checked on a probe input: running the units then the
   head must reproduce ``forward_features`` and ``forward`` (eval mode), else ValueError.
-- anything else (already-dynamic models, ViTs whose forward adds position embeddings, models with
-  no structure to split) is refused with a ValueError that names the model.
+- vision transformers: this project's ViT-Lite (:mod:`fractalbench.baselines.vit`) and timm's
+  ``VisionTransformer`` family: the token embedding (patches, class/register tokens, positions), then
+  every encoder block; head = final norm + pooling + classifier (timm's fused attention is counted by
+  the harness's formula for the CPU attention kernel). Their ICs are
+  :class:`TokenClassifier`: LayerNorm, the class token (or the mean of the patch tokens where the
+  model pools so), one linear layer; on ViT-Lite-7/4 the default placement gives an exit after
+  every block;
+- anything else (already-dynamic models, models with no structure to split) is refused with a
+  ValueError that names the model.
 
 ICs (``ic="mixed"``, SDN's): the feature map is reduced to 4x4 by alpha x max-pool + (1 - alpha) x
 avg-pool with a learnt scalar alpha, flattened, then one FC layer. ``ic="linear"``: global average
@@ -39,8 +46,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fractalbench.baselines.resnet import CifarResNet
+from fractalbench.baselines.vit import VisionTransformerLite
 from fractalbench.harness.contract import is_dynamic
 from fractalbench.harness.early_exit import EarlyExitNetwork
+from fractalbench.harness.metrics._mac_formulas import EXTRA_FORMULAS
 from fractalbench.harness.registry import ModelCard, create_model, model_card, recipe_text, register_prefix
 
 PAPER = ("Kaya, Hong, Dumitras: Shallow-Deep Networks: Understanding and Mitigating Network Overthinking, "
@@ -71,6 +80,66 @@ class MixedPoolClassifier(nn.Module):
 
 def linear_classifier(channels: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+class TokenClassifier(nn.Module):
+    """An exit on a transformer's tokens [N, T, D]: LayerNorm, then the class token (``pool="token"``)
+    or the mean of the tokens after the ``prefix`` class/register tokens (``pool="avg"``), then one
+    linear layer (the exits of ViT early-exit work: SDN-style ICs on ViTs, ZTW's ViT heads)."""
+
+    def __init__(self, dim: int, num_classes: int, pool: str = "token", prefix: int = 1) -> None:
+        super().__init__()
+        if pool not in ("token", "avg"):
+            raise ValueError(f"token pooling {pool!r} is not one of token, avg")
+        self.pool, self.prefix = pool, int(prefix)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        return self.fc(x[:, 0] if self.pool == "token" else x[:, self.prefix:].mean(dim=1))
+
+
+class _TimmViTEmbedding(nn.Module):
+    """Unit 0 of a timm VisionTransformer: patch embedding, class/register tokens and positions
+    (its ``_pos_embed``), patch dropout, pre-norm. Holds the model's own modules and parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.patch_embed, self.pos_drop = model.patch_embed, model.pos_drop
+        self.patch_drop, self.norm_pre = model.patch_drop, model.norm_pre
+        for name in ("pos_embed", "cls_token", "reg_token"):
+            if isinstance(getattr(model, name, None), nn.Parameter):
+                self.register_parameter(name, getattr(model, name))
+        self.__dict__["_vit"] = model  # not a child: its blocks belong to the other units
+
+    def forward(self, x: Tensor) -> Tensor:
+        vit = self.__dict__["_vit"]
+        return self.norm_pre(self.patch_drop(vit._pos_embed(self.patch_embed(x))))
+
+
+class _TimmViTHead(nn.Module):
+    """The last unit of a timm VisionTransformer's split: its final norm and its ``forward_head``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.fc_norm, self.head_drop, self.head = model.norm, model.fc_norm, model.head_drop, model.head
+        if getattr(model, "attn_pool", None) is not None:
+            self.attn_pool = model.attn_pool
+        self.__dict__["_vit"] = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.__dict__["_vit"].forward_head(self.norm(x))
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    return (all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "blocks", "forward_head", "norm"))
+            and isinstance(model.blocks, nn.Sequential))
+
+
+def _split_timm_vit(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """A timm VisionTransformer: embedding, every block, head."""
+    return [_TimmViTEmbedding(model), *model.blocks], _TimmViTHead(model)
 
 
 # ----- splitting a backbone into sequential units -------------------------------------------------
@@ -120,6 +189,13 @@ def split_backbone(model: nn.Module, probe: Tensor | None = None) -> tuple[list[
         raise ValueError(f"SDN wraps static backbones; {name} is already a dynamic model")
     if isinstance(model, CifarResNet):
         return [model.stem, *model.layer1, *model.layer2, *model.layer3], model.head
+    if isinstance(model, VisionTransformerLite):
+        return [model.embed, *model.blocks], model.head
+    if _is_timm_vit(model):
+        units, head = _split_timm_vit(model)
+        if probe is not None:
+            _verify_split(model, units, head, probe)
+        return units, head
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise ValueError(f"cannot split {name} into sequential stages: SDN supports CIFAR ResNets and timm models "
                          "whose forward_features runs their children in order (ResNet-style)")
@@ -141,7 +217,11 @@ def _verify_split(model: nn.Module, units: list[nn.Module], head: nn.Module, pro
             h = probe
             for unit in units:
                 h = unit(h)
-            ok = torch.allclose(h, model.forward_features(probe), rtol=1e-4, atol=1e-5)
+            features = model.forward_features(probe)
+            if isinstance(head, _TimmViTHead):  # the final norm is the head's: compare before it
+                ok = torch.allclose(head.norm(h), features, rtol=1e-4, atol=1e-5)
+            else:
+                ok = torch.allclose(h, features, rtol=1e-4, atol=1e-5)
             ok = ok and torch.allclose(head(h), model(probe), rtol=1e-4, atol=1e-5)
     except Exception as exc:  # noqa: BLE001 - any failure means the children are not a sequential split
         raise ValueError(f"cannot split {name} into sequential stages: running its children in order failed "
@@ -154,7 +234,8 @@ def _verify_split(model: nn.Module, units: list[nn.Module], head: nn.Module, pro
 
 
 def _profile_units(units: Sequence[nn.Module], head: nn.Module, probe: Tensor) -> tuple[list[int], list[int]]:
-    """MACs of every unit and the head, and the channels after every unit (batch-1 probe, eval mode)."""
+    """MACs of every unit and the head, and the channels after every unit (batch-1 probe, eval mode):
+    a feature map's channels [N, C, H, W], a token sequence's dimension D [N, T, D]."""
     macs, channels = [], []
     modules = [*units, head]
     states = [m.training for m in modules]
@@ -164,26 +245,29 @@ def _profile_units(units: Sequence[nn.Module], head: nn.Module, probe: Tensor) -
         with torch.no_grad():
             h = probe
             for unit in modules:
-                with FlopCounterMode(display=False) as counter:
+                with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
                     h = unit(h)
                 macs.append(counter.get_total_flops() // 2)
                 if unit is not head:
-                    channels.append(int(h.shape[1]))
+                    channels.append(int(h.shape[-1] if h.dim() == 3 else h.shape[1]))
     finally:
         for m, s in zip(modules, states):
             m.train(s)
     return macs, channels
 
 
-def place_ics(unit_macs: Sequence[int], fractions: Sequence[float], by: str = "macs") -> list[tuple[int, float]]:
+def place_ics(unit_macs: Sequence[int], fractions: Sequence[float], by: str = "macs",
+              first: int = 0) -> list[tuple[int, float]]:
     """(unit index, nominal fraction) for each IC: the unit whose cumulative share of the network's
     MACs (``by="macs"``, head included) or of its units (``by="depth"``) is closest to the fraction.
-    Never after the last unit (the backbone's own exit is there); duplicates keep the first fraction."""
+    Never before unit ``first`` (a transformer's class token after the embedding alone is the same for
+    every image) nor after the last unit (the backbone's own exit is there); duplicates keep the first
+    fraction."""
     if by not in PLACEMENTS:
         raise ValueError(f"IC placement {by!r} is not one of {', '.join(PLACEMENTS)}")
     n_units = len(unit_macs) - 1  # the last entry is the head
-    if n_units < 2:
-        raise ValueError("the backbone has fewer than 2 units: no room for an internal classifier")
+    if n_units < 2 + first:
+        raise ValueError(f"the backbone has fewer than {2 + first} units: no room for an internal classifier")
     weights = [float(m) for m in unit_macs[:-1]] if by == "macs" else [1.0] * n_units
     total = sum(unit_macs) if by == "macs" else float(n_units)
     cum, acc = [], 0.0
@@ -194,7 +278,7 @@ def place_ics(unit_macs: Sequence[int], fractions: Sequence[float], by: str = "m
     for f in fractions:
         if not 0.0 < f < 1.0:
             raise ValueError(f"IC positions are fractions in (0, 1), got {f}")
-        i = min(range(n_units - 1), key=lambda j: (abs(cum[j] - f), j))
+        i = min(range(first, n_units - 1), key=lambda j: (abs(cum[j] - f), j))
         chosen.setdefault(i, float(f))
     return sorted(chosen.items())
 
@@ -203,6 +287,8 @@ class SDN(EarlyExitNetwork):
     """A static backbone with internal classifiers; see the module docstring.
 
     ``ic_units``: index of the unit each IC follows; ``ic_fractions``: the nominal position of each.
+    ``tokens``: (pooling, prefix tokens) when the units pass on transformer tokens; the ICs are then
+    :class:`TokenClassifier` (``ic`` applies to feature maps only).
     """
 
     paper_policy = "confidence"
@@ -210,14 +296,20 @@ class SDN(EarlyExitNetwork):
     def __init__(self, units: Sequence[nn.Module], head: nn.Module, num_classes: int, channels: Sequence[int],
                  positions: Sequence[tuple[int, float]], ic: str = "mixed",
                  exit_weights: Sequence[float] | None = None, backbone_name: str = "",
-                 weight_ramp: bool = True, backbone: nn.Module | None = None) -> None:
+                 weight_ramp: bool = True, backbone: nn.Module | None = None,
+                 tokens: tuple[str, int] | None = None) -> None:
         if ic not in IC_KINDS:
             raise ValueError(f"ic {ic!r} is not one of {', '.join(IC_KINDS)}")
         stages, heads, start = [], [], 0
         for unit_index, _ in positions:
             stages.append(nn.Sequential(*units[start:unit_index + 1]))
             c = channels[unit_index]
-            heads.append(MixedPoolClassifier(c, num_classes) if ic == "mixed" else linear_classifier(c, num_classes))
+            if tokens is not None:  # a transformer's tokens: LayerNorm + class token (or mean) + linear
+                heads.append(TokenClassifier(c, num_classes, *tokens))
+            elif ic == "mixed":
+                heads.append(MixedPoolClassifier(c, num_classes))
+            else:
+                heads.append(linear_classifier(c, num_classes))
             start = unit_index + 1
         stages.append(nn.Sequential(*units[start:]))
         heads.append(head)
@@ -247,9 +339,27 @@ class SDN(EarlyExitNetwork):
 RAMP_START = 0.01
 
 
+def _token_pooling(backbone: nn.Module) -> tuple[str, int] | None:
+    """(pooling, prefix tokens) of a vision transformer's exits, None for a CNN."""
+    if isinstance(backbone, VisionTransformerLite):
+        return "token", 1
+    if _is_timm_vit(backbone):
+        prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+        return ("token" if getattr(backbone, "global_pool", "token") == "token" and prefix else "avg"), prefix
+    return None
+
+
+def _image_size(backbone: nn.Module) -> int | None:
+    """The input side a vision transformer was built for (its positional embedding's grid)."""
+    if isinstance(backbone, VisionTransformerLite):
+        return backbone.img_size
+    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    return int(size[0]) if isinstance(size, (tuple, list)) else (int(size) if size else None)
+
+
 def _probe(backbone: nn.Module, in_chans: int, probe_size: int | None) -> Tensor:
     if probe_size is None:
-        probe_size = 32 if isinstance(backbone, CifarResNet) else 64
+        probe_size = 32 if isinstance(backbone, CifarResNet) else (_image_size(backbone) or 64)
     gen = torch.Generator().manual_seed(0)
     return torch.randn(1, in_chans, probe_size, probe_size, generator=gen)
 
@@ -269,17 +379,22 @@ def build_sdn(backbone_name: str, *, num_classes: int = 10, in_chans: int = 3,
     except ValueError as exc:
         raise ValueError(f"sdn:{backbone_name}: {exc}") from None
     unit_macs, channels = _profile_units(units, head, probe)
+    tokens = _token_pooling(backbone)
+    first = 1 if tokens is not None else 0  # unit 0 of a transformer is its embedding: no exit there
     if ic_after is not None:
-        bad = [i for i in ic_after if not 0 <= int(i) < len(units) - 1]
+        bad = [i for i in ic_after if not first <= int(i) < len(units) - 1]
         if bad:
-            raise ValueError(f"sdn:{backbone_name}: ic_after {bad} out of range; units are 0..{len(units) - 1} "
-                             f"and the last unit already ends in the backbone's head")
+            raise ValueError(f"sdn:{backbone_name}: ic_after {bad} out of range; units are 0..{len(units) - 1}, "
+                             f"the last unit already ends in the backbone's head"
+                             + (" and unit 0 is the token embedding (its class token is the same for every image)"
+                                if first else ""))
         total = float(sum(unit_macs))
         positions = [(int(i), round(sum(unit_macs[:int(i) + 1]) / total, 4))
                      for i in sorted(set(int(i) for i in ic_after))]
     else:
-        positions = place_ics(unit_macs, ic_fractions, placement)
-    return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name, weight_ramp, backbone)
+        positions = place_ics(unit_macs, ic_fractions, placement, first)
+    return SDN(units, head, num_classes, channels, positions, ic, exit_weights, backbone_name, weight_ramp, backbone,
+               tokens=tokens)
 
 
 NOTES = (

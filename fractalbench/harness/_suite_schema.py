@@ -299,6 +299,9 @@ class ModelEntry(Section):
                                            "their declared normalisation replaces the training split's") = None
     pretrained: described(Flag, "timm: models only: timm's own pretrained weights (downloaded by timm) and the "
                                 "normalisation of their pretrained_cfg") = False
+    datasets: described(tuple[Text, ...], "only these of the suite's datasets (their labels, e.g. synthetic32: the "
+                                          "name and image size), for a model built for one input size; "
+                                          "default: every dataset") = ()
 
     @model_validator(mode="after")
     def _one_source_of_weights(self) -> ModelEntry:
@@ -513,6 +516,22 @@ class Suite(Section):
         for i, entry in enumerate(models):
             visit(i, entry, entry, [entry.display])
         return models
+
+    @model_validator(mode="after")
+    def _model_datasets(self) -> Suite:
+        known = [d.label for d in self.datasets]
+        for i, entry in enumerate(self.models):
+            unknown = [d for d in entry.datasets if d not in known]
+            if unknown:
+                raise fail("models[{i}].datasets: {unknown} is not a dataset of this suite; allowed: {allowed}",
+                           i=i, unknown=", ".join(unknown), allowed=", ".join(known))
+            for label in entry.cell_sources:  # a cell it starts from must run on each of its datasets
+                source = next(m for m in self.models if m.display == label)
+                missing = [d for d in (entry.datasets or known) if source.datasets and d not in source.datasets]
+                if missing:
+                    raise fail("models[{i}].weights.source cell:{label} does not run on {missing}, where this "
+                               "model runs", i=i, label=label, missing=", ".join(missing))
+        return self
 
     @field_validator("seeds")
     @classmethod

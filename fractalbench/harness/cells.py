@@ -82,14 +82,16 @@ def models_in_order(suite: Suite) -> list[ModelEntry]:
 
 
 def plan_cells(suite: Suite, devices: list[str] | None = None) -> list[Cell]:
-    """Every (dataset, seed, model, device) of the suite, in that order of nesting: the seeds are
+    """Every (dataset, seed, model, device) of the suite (a model with ``datasets:`` on those only), in
+    that order of nesting: the seeds are
     outside the models, so a run stopped part-way holds whole replicates (every model with the first
     seed before any model with the second), which a comparison of models can already use. Models
     run in :func:`models_in_order`."""
     devs = devices or list(suite.devices)
     seeds: tuple[int | None, ...] = suite.seeds if len(suite.seeds) > 1 else (None,)
     models = models_in_order(suite)
-    return [Cell(m, d, dev, seed) for d in suite.datasets for seed in seeds for m in models for dev in devs]
+    return [Cell(m, d, dev, seed) for d in suite.datasets for seed in seeds for m in models for dev in devs
+            if not m.datasets or d.label in m.datasets]
 
 
 def direct_dependencies(cell: Cell, suite: Suite) -> list[Cell]:

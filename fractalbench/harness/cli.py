@@ -683,7 +683,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(line)
     if problems:
         raise SuiteError("\n".join(problems))
-    cells = len(suite.models) * len(suite.datasets) * len(suite.devices) * max(1, len(suite.seeds or ()))
+    cells = sum(len([d for d in suite.datasets if not m.datasets or d.label in m.datasets]) for m in suite.models) \
+        * len(suite.devices) * max(1, len(suite.seeds or ()))
     print(f"suite {suite.path}: ok ({len(suite.models)} model(s), {len(suite.datasets)} dataset(s), "
           f"{len(suite.devices)} device(s): {cells} cell(s))")
     return EXIT_OK

@@ -206,6 +206,8 @@ def check_suite(suite: Suite, splits: Mapping[DatasetConfig, DataSplits],
     problems: list[str] = []
     for dataset in suite.datasets:
         for i, entry in enumerate(suite.models):
+            if entry.datasets and dataset.label not in entry.datasets:
+                continue  # the model does not run on this dataset
             if entry.display in finished:
                 found = _batch_problems(suite, i, entry, dataset, splits[dataset])
                 problems += [p for p in found if p not in problems]

@@ -44,7 +44,7 @@ from fractalbench.harness.contract import LossTermsModule, ddp_find_unused_param
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 #: Training arithmetic: fp32, bf16 autocast (weights, optimiser state and gradients stay fp32), or
 #: auto: bf16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a GPU that supports
@@ -181,6 +181,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":  # decoupled weight decay (Loshchilov and Hutter 2019), the transformers' optimiser
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

@@ -16,7 +16,7 @@ from fractalbench.harness.registry import create_model, list_models, model_card
 MAX_PARAMS = 3_000_000
 
 # Prefixed factories are not enumerated by list_models(); one of each family we want covered here.
-PREFIXED = ("sdn:resnet20",)
+PREFIXED = ("sdn:resnet20", "sdn:vit_lite_2_4")
 
 
 def small_models():
@@ -61,7 +61,8 @@ def build(name):
 @pytest.mark.parametrize("name", small_models())
 def test_forward_backward_finite(name):
     model = build(name)
-    x = torch.randn(4, 3, 32, 32)
+    side = min(model_card(name).input_size, 32)  # a ViT is built for its card's size
+    x = torch.randn(4, 3, side, side)
     y = torch.tensor([0, 1, 2, 3])
     model.train()
     terms = contract.loss_terms(model, x, y)

@@ -25,7 +25,8 @@ def test_shipped_suites_validate():
      "field 'datasets[0].name': 'cifar11' is not allowed; did you mean: cifar10, cifar100? allowed: digits, cifar10"),
     (with_(datasets=[{"name": "digits", "image_size": -3}]),
      "field 'datasets[0].image_size': must be a whole number >= 1"),
-    (with_(train={"optimizer": "rmsprop"}), "field 'train.optimizer': 'rmsprop' is not allowed; allowed: sgd, adam"),
+    (with_(train={"optimizer": "rmsprop"}),
+     "field 'train.optimizer': 'rmsprop' is not allowed; allowed: sgd, adam, adamw"),
     (with_(train={"epochs": "two"}), "field 'train.epochs': must be a whole number >= 0"),
     (with_(metrics=["speed"]),
      "field 'metrics[0]': 'speed' is not allowed; did you mean: sweep? allowed: accuracy, cost"),
@@ -33,6 +34,12 @@ def test_shipped_suites_validate():
     (with_(policies=[{"name": "greedy"}]),
      "field 'policies[0].name': unknown exit policy 'greedy'; allowed: confidence"),
     (with_(models=[{"name": "resnet20"}, {"name": "resnet20"}]), "labels must be unique; repeated: resnet20"),
+    (with_(models=[{"name": "resnet20", "datasets": ["digits16"]}]),
+     "models[0].datasets: digits16 is not a dataset of this suite; allowed: digits8"),
+    (with_(datasets=["digits", {"name": "digits", "image_size": 8}],
+           models=[{"name": "resnet20", "label": "a", "datasets": ["digits8"]},
+                   {"name": "sdn:resnet20", "weights": "cell:a"}]),
+     "models[1].weights.source cell:a does not run on digits, where this model runs"),
     (["not", "a", "mapping"], "must be a mapping"),
 ])
 def test_bad_suites_name_file_field_and_allowed_values(raw, message):
@@ -199,3 +206,12 @@ def test_digest_hashes_the_content_as_written():
     raw = with_(description="x")
     expected = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
     assert parse_suite(raw).digest == expected and parse_suite(dict(raw)).raw == raw
+
+
+def test_a_model_with_datasets_runs_on_those_only():
+    from fractalbench.harness.cells import plan_cells
+
+    suite = parse_suite(with_(datasets=["digits", {"name": "digits", "image_size": 8}],
+                              models=["linear", {"name": "resnet20", "datasets": ["digits8"]}]))
+    assert [(c.model.display, c.dataset.label) for c in plan_cells(suite)] == [
+        ("linear", "digits"), ("linear", "digits8"), ("resnet20", "digits8")]
