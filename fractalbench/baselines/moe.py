@@ -140,23 +140,33 @@ class Routing:
     probs: Tensor | None  # switch: softmax over all experts
 
 
-class Expert(nn.Module):
-    """Token-wise feed-forward expert (two 1x1 convs): Linear(C, rC) -> ReLU -> Linear(rC, C)."""
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
-    def __init__(self, channels: int, expansion: int) -> None:
+
+class Expert(nn.Module):
+    """Token-wise feed-forward expert (two 1x1 convs): Linear(C, rC) -> ReLU (or GELU, a transformer's
+    MLP) -> Linear(rC, C)."""
+
+    def __init__(self, channels: int, expansion: float, activation: str = "relu") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(channels, expansion * channels)
-        self.fc2 = nn.Linear(expansion * channels, channels)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"expert activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        self.activation = activation
+        self.fc1 = nn.Linear(channels, int(expansion * channels))
+        self.fc2 = nn.Linear(int(expansion * channels), channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class MoELayer(nn.Module):
-    """Pre-norm residual MoE over the spatial tokens of a feature map [N, C, H, W]."""
+    """Pre-norm residual MoE over the spatial tokens of a feature map [N, C, H, W] (``forward``) or over
+    a transformer's tokens [N, T, C] (``forward_tokens``; ``norm=False`` where the stream arrives
+    normalised, as in ViT-Lite's encoder layer)."""
 
-    def __init__(self, channels: int, num_experts: int, k: int, router: str = "noisy_topk", expansion: int = 4,
-                 capacity_factor: float | None = None, noise_epsilon: float = 1e-2, group: str = "batch") -> None:
+    def __init__(self, channels: int, num_experts: int, k: int, router: str = "noisy_topk", expansion: float = 4,
+                 capacity_factor: float | None = None, noise_epsilon: float = 1e-2, group: str = "batch",
+                 norm: bool = True, activation: str = "relu") -> None:
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router {router!r} is not one of {', '.join(ROUTERS)}")
@@ -176,10 +186,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
         self.num_experts, self.k, self.router_type = num_experts, k, router
         self.capacity_factor, self.noise_epsilon, self.group = capacity_factor, noise_epsilon, group
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels) if norm else nn.Identity()
         self.router = nn.Linear(channels, num_experts, bias=False)
         self.noise = nn.Linear(channels, num_experts, bias=False) if router == "noisy_topk" else None
-        self.experts = nn.ModuleList(Expert(channels, expansion) for _ in range(num_experts))
+        self.experts = nn.ModuleList(Expert(channels, expansion, activation) for _ in range(num_experts))
 
     def init_router(self, how: str) -> None:
         """Initialise the router and noise projections (see :data:`ROUTER_INITS`)."""
@@ -262,11 +272,17 @@ class MoELayer(nn.Module):
 
     def forward(self, h: Tensor, mode: str = "compact", probe: int | None = None, noisy: bool | None = None,
                 min_weight: float = 0.0) -> tuple[Tensor, Routing]:
-        """Returns the new feature map and the routing. ``probe``: cost probing; route, run no
-        expert (-1) or expert ``probe`` on one token, and return ``h`` unchanged. ``min_weight``:
-        (token, choice) pairs whose routing weight is below it are dropped like capacity drops."""
+        """Returns the new feature map and the routing (:meth:`forward_tokens` on its H x W positions)."""
         n, c, hh, ww = h.shape
-        tokens = h.flatten(2).transpose(1, 2)  # [N, T, C]
+        out, routing = self.forward_tokens(h.flatten(2).transpose(1, 2), mode, probe, noisy, min_weight)
+        return out.transpose(1, 2).reshape(n, c, hh, ww), routing
+
+    def forward_tokens(self, tokens: Tensor, mode: str = "compact", probe: int | None = None,
+                       noisy: bool | None = None, min_weight: float = 0.0) -> tuple[Tensor, Routing]:
+        """Tokens [N, T, C] -> the new tokens and the routing. ``probe``: cost probing; route, run no
+        expert (-1) or expert ``probe`` on one token, and return ``tokens`` unchanged. ``min_weight``:
+        (token, choice) pairs whose routing weight is below it are dropped like capacity drops."""
+        n, t, c = tokens.shape
         z = self.norm(tokens)
         routing = self.route(z, self.training if noisy is None else noisy)
         if min_weight > 0:
@@ -274,10 +290,10 @@ class MoELayer(nn.Module):
         if probe is not None:
             if probe >= 0:
                 self.experts[probe](z.reshape(-1, c)[:1])
-            return h, routing
+            return tokens, routing
         flat_z = z.reshape(-1, c)
-        assign = routing.assign.reshape(n * hh * ww, -1)
-        weights = routing.weights.reshape(n * hh * ww, -1)
+        assign = routing.assign.reshape(n * t, -1)
+        weights = routing.weights.reshape(n * t, -1)
         out = tokens.reshape(-1, c)
         for e, expert in enumerate(self.experts):
             chosen = assign == e  # [N*T, k]
@@ -287,31 +303,23 @@ class MoELayer(nn.Module):
             tok, slot = chosen.nonzero(as_tuple=True)
             if tok.numel():
                 out = out.index_add(0, tok, expert(flat_z[tok]) * weights[tok, slot, None])
-        return out.reshape(n, hh * ww, c).transpose(1, 2).reshape(n, c, hh, ww), routing
+        return out.reshape(n, t, c), routing
 
 
 # ----- the classifier --------------------------------------------------------------------------------
 
-class MoEResNet(DynamicModel):
-    """CIFAR ResNet-(6n+2) with ``moe_layers`` MoE layers after the last blocks of stage 3."""
+class MoENetwork(DynamicModel):
+    """What every MoE classifier shares: its MoE layers (``self.moe``), routing settings, trace, cost
+    units, balancing losses and active parameters. A subclass builds its network, calls
+    :meth:`_setup_moe` and runs it in ``_run(x, mode, probe, min_weight) -> (logits, routings)``."""
 
     dynamic_kind = "routed"
     num_exits = 1
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, *, router: str = "noisy_topk",
-                 num_experts: int = 4, k: int = 2, expansion: int = 4, moe_layers: int = 2,
-                 capacity_factor: float | None = None, importance_weight: float = 0.1, load_weight: float = 0.1,
-                 balance_weight: float = 0.01, noise_epsilon: float = 1e-2, router_init: str | None = None,
-                 group: str = "batch") -> None:
-        super().__init__()
-        self.backbone = CifarResNet(depth, num_classes, in_chans)
-        stage3 = len(self.backbone.layer3)
-        if not 1 <= moe_layers <= stage3:
-            raise ValueError(f"moe_layers must be in 1..{stage3} (blocks of stage 3), got {moe_layers}")
-        width = self.backbone.widths[-1]
-        self.moe_after = tuple(range(stage3 - moe_layers, stage3))  # block indices in stage 3
-        self.moe = nn.ModuleList(MoELayer(width, num_experts, k, router, expansion, capacity_factor, noise_epsilon,
-                                          group) for _ in range(moe_layers))
+    def _setup_moe(self, layers: list[MoELayer], router: str, num_experts: int, capacity_factor: float | None,
+                   group: str, router_init: str | None, importance_weight: float, load_weight: float,
+                   balance_weight: float, head: str) -> None:
+        self.moe = nn.ModuleList(layers)
         self.router_init = router_init or ("zero" if router == "noisy_topk" else "fedus")
         for layer in self.moe:
             layer.init_router(self.router_init)
@@ -321,38 +329,13 @@ class MoEResNet(DynamicModel):
         # (fractalbench.harness.contract.batch_dependent)
         self.batch_dependent = self.moe[0].batch_dependent
         # MACs by role (fractalbench.harness.contract.cost_roles); the switch router has no noise projection
-        self.cost_roles = {"heads": ("backbone.head",),
+        self.cost_roles = {"heads": (head,),
                            "routers": ("moe.*.router",) + (("moe.*.noise",) if router == "noisy_topk" else ())}
         self.importance_weight, self.load_weight, self.balance_weight = importance_weight, load_weight, balance_weight
 
-    def dense_backbone(self) -> CifarResNet:
-        """The ResNet the MoE layers are inserted into (a ResNet checkpoint loads into it)."""
-        return self.backbone
-
-    def on_backbone_loaded(self) -> None:
-        """Sparse upcycling (Komatsuzaki et al., ICLR 2023) from a dense ResNet: every expert's output
-        layer starts at zero, so each MoE layer adds nothing and the model computes exactly the dense
-        network's function (the dense network's feed-forward at each MoE position is the identity
-        residual, copied into every expert as the zero map); the routers keep their initialisation,
-        and the experts' first layers their random ones, which break the experts' symmetry."""
-        for layer in self.moe:
-            for expert in layer.experts:
-                nn.init.zeros_(expert.fc2.weight)
-                nn.init.zeros_(expert.fc2.bias)
-
     def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0
              ) -> tuple[Tensor, list[Routing]]:
-        b = self.backbone
-        h = b.layer2(b.layer1(b.stem(x)))
-        routings: list[Routing] = []
-        for j, block in enumerate(b.layer3):
-            h = block(h)
-            if j in self.moe_after:
-                layer = len(routings)
-                p = None if probe is None else (probe[1] if probe[0] == layer else -1)
-                h, routing = self.moe[layer](h, mode, p, min_weight=min_weight)
-                routings.append(routing)
-        return b.head(h), routings
+        raise NotImplementedError
 
     def _trace(self, x: Tensor, routings: list[Routing], mode: str) -> Trace:
         n = x.shape[0]
@@ -423,10 +406,11 @@ class MoEResNet(DynamicModel):
         (A sample's different tokens may use different experts; this is the per-token count, the
         usual MoE definition.) Expert choice: a token meets capacity_factor experts on average (at
         full capacity the experts take capacity_factor x tokens assignments), so capacity_factor
-        experts per layer, rounded to whole parameters."""
-        total = sum(p.numel() for p in self.parameters())
+        experts per layer, rounded to whole parameters. A parameter shared by a dense layer and an
+        expert (an upcycled ViT's expert 0) counts once, as the expert's."""
+        expert_params = {id(p) for layer in self.moe for p in layer.experts.parameters()}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in expert_params)
         for layer in self.moe:
-            total -= sum(p.numel() for p in layer.experts.parameters())
             if layer.noise is not None:
                 total -= layer.noise.weight.numel()
             sizes = sorted((sum(p.numel() for p in ex.parameters()) for ex in layer.experts), reverse=True)
@@ -435,6 +419,122 @@ class MoEResNet(DynamicModel):
             else:
                 total += sum(sizes[:layer.k])
         return total
+
+
+class MoEResNet(MoENetwork):
+    """CIFAR ResNet-(6n+2) with ``moe_layers`` MoE layers after the last blocks of stage 3."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, *, router: str = "noisy_topk",
+                 num_experts: int = 4, k: int = 2, expansion: int = 4, moe_layers: int = 2,
+                 capacity_factor: float | None = None, importance_weight: float = 0.1, load_weight: float = 0.1,
+                 balance_weight: float = 0.01, noise_epsilon: float = 1e-2, router_init: str | None = None,
+                 group: str = "batch") -> None:
+        super().__init__()
+        self.backbone = CifarResNet(depth, num_classes, in_chans)
+        stage3 = len(self.backbone.layer3)
+        if not 1 <= moe_layers <= stage3:
+            raise ValueError(f"moe_layers must be in 1..{stage3} (blocks of stage 3), got {moe_layers}")
+        width = self.backbone.widths[-1]
+        self.moe_after = tuple(range(stage3 - moe_layers, stage3))  # block indices in stage 3
+        layers = [MoELayer(width, num_experts, k, router, expansion, capacity_factor, noise_epsilon, group)
+                  for _ in range(moe_layers)]
+        self._setup_moe(layers, router, num_experts, capacity_factor, group, router_init, importance_weight,
+                        load_weight, balance_weight, head="backbone.head")
+
+    def dense_backbone(self) -> CifarResNet:
+        """The ResNet the MoE layers are inserted into (a ResNet checkpoint loads into it)."""
+        return self.backbone
+
+    def on_backbone_loaded(self) -> None:
+        """Sparse upcycling (Komatsuzaki et al., ICLR 2023) from a dense ResNet: every expert's output
+        layer starts at zero, so each MoE layer adds nothing and the model computes exactly the dense
+        network's function (the dense network's feed-forward at each MoE position is the identity
+        residual, copied into every expert as the zero map); the routers keep their initialisation,
+        and the experts' first layers their random ones, which break the experts' symmetry."""
+        for layer in self.moe:
+            for expert in layer.experts:
+                nn.init.zeros_(expert.fc2.weight)
+                nn.init.zeros_(expert.fc2.bias)
+
+    def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0
+             ) -> tuple[Tensor, list[Routing]]:
+        b = self.backbone
+        h = b.layer2(b.layer1(b.stem(x)))
+        routings: list[Routing] = []
+        for j, block in enumerate(b.layer3):
+            h = block(h)
+            if j in self.moe_after:
+                layer = len(routings)
+                p = None if probe is None else (probe[1] if probe[0] == layer else -1)
+                h, routing = self.moe[layer](h, mode, p, min_weight=min_weight)
+                routings.append(routing)
+        return b.head(h), routings
+
+
+class MoEViT(MoENetwork):
+    """ViT-Lite (:mod:`fractalbench.baselines.vit`) whose MLP in every ``moe_every``-th encoder layer
+    (layers ``moe_every - 1``, ``2 moe_every - 1``, ..., the Switch / V-MoE placement) is a mixture of
+    MLP experts routed per token: the class token and every patch token choose (or are chosen by)
+    their experts. ViT-Lite's layer ``x = LN(x + Attention(LN(x))); x = x + MLP(x)`` becomes
+    ``x = LN(x + Attention(LN(x))); x = x + sum_s w_s Expert_s(x)``: no extra norm (the stream is
+    normalised already), GELU experts of the MLP's size. Expert 0 of every MoE layer *is* that
+    layer's dense MLP (the same modules), so a dense ViT-Lite checkpoint loads into
+    :meth:`dense_backbone` and :meth:`on_backbone_loaded` upcycles it (Komatsuzaki et al.: every
+    expert a copy of the dense MLP); no dense parameter is left unused."""
+
+    def __init__(self, depth: int = 7, dim: int = 256, heads: int = 4, mlp_ratio: float = 2.0, patch: int = 4,
+                 img_size: int = 32, num_classes: int = 10, in_chans: int = 3, *, router: str = "switch",
+                 num_experts: int = 4, k: int = 1, moe_every: int = 2, capacity_factor: float | None = 1.25,
+                 importance_weight: float = 0.1, load_weight: float = 0.1, balance_weight: float = 0.01,
+                 noise_epsilon: float = 1e-2, router_init: str | None = None, group: str = "batch") -> None:
+        super().__init__()
+        from fractalbench.baselines.vit import VisionTransformerLite
+
+        self.backbone = VisionTransformerLite(depth, dim, heads, mlp_ratio, patch, img_size, num_classes, in_chans)
+        if not 1 <= moe_every <= depth:
+            raise ValueError(f"moe_every must be in 1..{depth} (encoder layers), got {moe_every}")
+        self.moe_at = tuple(j for j in range(depth) if j % moe_every == moe_every - 1)
+        layers = []
+        for j in self.moe_at:
+            layer = MoELayer(dim, num_experts, k, router, mlp_ratio, capacity_factor, noise_epsilon, group,
+                             norm=False, activation="gelu")
+            block = self.backbone.blocks[j]
+            layer.experts[0].fc1, layer.experts[0].fc2 = block.linear1, block.linear2  # expert 0 is the dense MLP
+            layers.append(layer)
+        self._setup_moe(layers, router, num_experts, capacity_factor, group, router_init, importance_weight,
+                        load_weight, balance_weight, head="backbone.head")
+
+    def dense_backbone(self) -> nn.Module:
+        """The dense ViT-Lite (its MLPs at the MoE layers are expert 0 of each)."""
+        return self.backbone
+
+    def on_backbone_loaded(self) -> None:
+        """Sparse upcycling (Komatsuzaki et al., ICLR 2023): every expert starts as a copy of the dense
+        MLP it replaces (expert 0 is that MLP); the routers keep their initialisation. With top-1
+        routing scaled by its probability the upcycled layer starts at about 1/E of the dense MLP's
+        output, as in the paper's Switch-style layers, and fine-tuning restores it."""
+        with torch.no_grad():
+            for layer in self.moe:
+                dense = layer.experts[0]
+                for expert in list(layer.experts)[1:]:
+                    expert.load_state_dict(dense.state_dict())
+
+    def _run(self, x: Tensor, mode: str = "compact", probe: tuple[int, int] | None = None, min_weight: float = 0.0
+             ) -> tuple[Tensor, list[Routing]]:
+        v = self.backbone
+        h = v.embed(x)
+        routings: list[Routing] = []
+        for j, block in enumerate(v.blocks):
+            if j not in self.moe_at:
+                h = block(h)
+                continue
+            h = block.norm1(h + block.drop_path(block.self_attn(block.pre_norm(h))))
+            layer = len(routings)
+            p = None if probe is None else (probe[1] if probe[0] == layer else -1)
+            out, routing = self.moe[layer].forward_tokens(h, mode, p, min_weight=min_weight)
+            h = h + block.drop_path(out - h)
+            routings.append(routing)
+        return v.head(h), routings
 
 
 def expert_histogram(trace: Trace, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -490,3 +590,51 @@ def expert_choice_resnet20(*, num_classes: int = 10, in_chans: int = 3, num_expe
     return MoEResNet(20, num_classes, in_chans, router="expert_choice", num_experts=num_experts, k=1,
                      expansion=expansion, moe_layers=moe_layers, capacity_factor=capacity_factor,
                      router_init=router_init, group=group)
+
+
+VIT_MOE_NOTES = (
+    "ViT-Lite-{size} with the MLP of every second encoder layer ({layers}) replaced by {what}, routed per token "
+    "(the class token and the 64 patch tokens); 4 GELU experts of the MLP's size, expert 0 sharing the dense "
+    "MLP's weights (a dense ViT-Lite checkpoint upcycles: every expert starts as its copy)")
+
+
+def _vit_moe_card(paper: str, notes: str, input_size: int = 32) -> ModelCard:
+    return ModelCard(family="moe", paper=f"{paper}; backbone: ViT-Lite (Hassani et al. 2021)", dynamic_kind="routed",
+                     input_size=input_size, reference={},
+                     reference_source="no published numbers for this build (V-MoE, Riquelme et al. 2021, routes "
+                     "ImageNet-scale ViTs)", notes=notes,
+                     paper_recipe="none published for CIFAR; a suite states its own")
+
+
+@register_model(card=_vit_moe_card(FEDUS, VIT_MOE_NOTES.format(
+    size="7/4", layers="1, 3, 5", what="a Switch layer (top-1, capacity factor 1.25 per image's tokens, "
+    "load-balancing loss w=0.01)")))
+def switch_vit_lite_7_4(*, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, num_experts: int = 4,
+                        capacity_factor: float | None = 1.25, balance_weight: float = 0.01) -> MoEViT:
+    return MoEViT(7, 256, 4, 2.0, 4, img_size, num_classes, in_chans, router="switch", num_experts=num_experts,
+                  capacity_factor=capacity_factor, balance_weight=balance_weight)
+
+
+@register_model(card=_vit_moe_card(ZHOU, VIT_MOE_NOTES.format(size="7/4", layers="1, 3, 5", what="an expert-choice "
+                                   "layer (capacity factor 2: each expert takes ceil(2 x tokens / 4) of its group's "
+                                   "tokens; group 'batch', or 'sample' for each image alone)")))
+def expert_choice_vit_lite_7_4(*, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, num_experts: int = 4,
+                               capacity_factor: float = 2.0, group: str = "batch") -> MoEViT:
+    return MoEViT(7, 256, 4, 2.0, 4, img_size, num_classes, in_chans, router="expert_choice", num_experts=num_experts,
+                  capacity_factor=capacity_factor, group=group)
+
+
+@register_model(card=_vit_moe_card(FEDUS, VIT_MOE_NOTES.format(size="2/4 at 16x16", layers="1", what="a Switch layer")
+                                   .replace("64 patch tokens", "16 patch tokens"), input_size=16))
+def switch_vit_lite_2_4(*, num_classes: int = 10, in_chans: int = 3, img_size: int = 16, num_experts: int = 4,
+                        capacity_factor: float | None = 1.25) -> MoEViT:
+    return MoEViT(2, 128, 2, 1.0, 4, img_size, num_classes, in_chans, router="switch", num_experts=num_experts,
+                  capacity_factor=capacity_factor)
+
+
+@register_model(card=_vit_moe_card(ZHOU, VIT_MOE_NOTES.format(size="2/4 at 16x16", layers="1", what="an expert-choice "
+                                   "layer").replace("64 patch tokens", "16 patch tokens"), input_size=16))
+def expert_choice_vit_lite_2_4(*, num_classes: int = 10, in_chans: int = 3, img_size: int = 16, num_experts: int = 4,
+                               capacity_factor: float = 2.0, group: str = "batch") -> MoEViT:
+    return MoEViT(2, 128, 2, 1.0, 4, img_size, num_classes, in_chans, router="expert_choice", num_experts=num_experts,
+                  capacity_factor=capacity_factor, group=group)

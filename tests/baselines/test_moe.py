@@ -416,3 +416,61 @@ def test_checker_verifies_a_batch_dependence_declaration():
     report = run_checks(bad, torch.randn(8, 3, 16, 16))
     line = next(r for r in report.results if r.name == "batch-1 vs batched")
     assert line.status == "FAIL" and "reversed batch does not give the reversed results" in line.detail
+
+
+# ----- MoE layers in a vision transformer (issue 26) ----------------------------------------------------
+
+def test_vit_moe_parameters_total_and_active_by_hand():
+    from fractalbench.baselines.moe import MoEViT
+
+    model = build("switch_vit_lite_7_4")
+    assert isinstance(model, MoEViT) and model.moe_at == (1, 3, 5)
+    # dense ViT-Lite-7/4 (3,716,874) + per MoE layer 3 more experts of the MLP's size (fc1 256 x 512 + 512,
+    # fc2 512 x 256 + 256: 262,912 each) and a router 256 x 4 (expert 0 is the dense MLP itself)
+    expert, router = 131_584 + 131_328, 256 * 4
+    assert sum(p.numel() for p in model.parameters()) == 3_716_874 + 3 * (3 * expert + router) == 6_086_154
+    assert model.active_parameters() == 3_716_874 + 3 * router  # one expert per token, as the dense MLP
+    for layer, j in zip(model.moe, model.moe_at):
+        assert layer.experts[0].fc1 is model.backbone.blocks[j].linear1
+    ec = build("expert_choice_vit_lite_7_4")
+    assert ec.active_parameters() == 3_716_874 + 3 * (router + expert)  # capacity factor 2: two experts per token
+
+
+def test_a_dense_vit_checkpoint_upcycles_into_every_expert():
+    from fractalbench.harness.weights import fit_weights
+
+    dense = build("vit_lite_2_4", seed=1)
+    model = build("switch_vit_lite_2_4", seed=2)
+    assert fit_weights(model, dense.state_dict(), "the dense ViT") == "backbone"
+    for expert in model.moe[0].experts:
+        assert torch.equal(expert.fc1.weight, dense.blocks[1].linear1.weight)
+        assert torch.equal(expert.fc2.bias, dense.blocks[1].linear2.bias)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # each token's output: x + p * MLP(x), p its top-1 probability (1/E at a zero router)
+        torch.nn.init.zeros_(model.moe[0].router.weight)
+        model.moe[0].capacity_factor = None
+        v = dense
+        h = v.blocks[0](v.embed(x))
+        b = v.blocks[1]
+        h = b.norm1(h + b.self_attn(b.pre_norm(h)))
+        expected = v.head(h + 0.25 * b.linear2(F.gelu(b.linear1(h))))
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_vit_switch_capacity_overflow_drops_tokens_counted_by_hand():
+    """Every token of the 2 images prefers expert 0: per image capacity ceil(1.25 x 17 / 4) = 6 tokens,
+    so 11 of its 17 tokens (class token and 16 patches) are dropped and pass through the residual."""
+    model = build("switch_vit_lite_2_4")
+    with torch.no_grad():
+        model.moe[0].router.weight.zero_()
+        model.moe[0].router.weight[0].fill_(1.0)  # logit of expert 0: sum of the token's features; LN'd stream
+        model.backbone.blocks[1].norm1.bias.fill_(5.0)  # every feature > 0 after norm1: expert 0 wins everywhere
+    x = torch.randn(2, 3, 16, 16)
+    out = contract.dynamic_forward(model, x)
+    counts, dropped = expert_histogram(out.trace, 4)
+    assert counts.tolist() == [[12, 0, 0, 0]] and dropped.tolist() == [22]
+    assert out.trace.unit_counts["layer0_expert0"].tolist() == [6.0, 6.0]
+    table = unit_table(model, x[:1])
+    assert table["layer0_expert0"] == 128 * 128 + 128 * 128  # one token through a GELU MLP of ratio 1
+    with torch.no_grad():
+        assert counted_macs(lambda: contract.dynamic_forward(model, x[:1])) == table["base"] + 6 * 32_768
