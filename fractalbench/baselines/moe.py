@@ -302,7 +302,8 @@ class MoELayer(nn.Module):
                 continue
             tok, slot = chosen.nonzero(as_tuple=True)
             if tok.numel():
-                out = out.index_add(0, tok, expert(flat_z[tok]) * weights[tok, slot, None])
+                # under autocast the expert may return bf16 where the stream is fp32 (after a LayerNorm)
+                out = out.index_add(0, tok, (expert(flat_z[tok]) * weights[tok, slot, None]).to(out.dtype))
         return out.reshape(n, t, c), routing
 
 

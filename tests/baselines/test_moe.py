@@ -474,3 +474,14 @@ def test_vit_switch_capacity_overflow_drops_tokens_counted_by_hand():
     assert table["layer0_expert0"] == 128 * 128 + 128 * 128  # one token through a GELU MLP of ratio 1
     with torch.no_grad():
         assert counted_macs(lambda: contract.dynamic_forward(model, x[:1])) == table["base"] + 6 * 32_768
+
+
+@pytest.mark.parametrize("name", ["switch_vit_lite_2_4", "moe_resnet20_top2"])
+def test_a_training_step_under_bf16_autocast(name):
+    """Under autocast a ViT's experts return bf16 into an fp32 stream (after its LayerNorm)."""
+    model = build(name).train()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum(contract.loss_terms(model, x, y).values())
+    loss.backward()
+    assert torch.isfinite(loss) and model.moe[0].router.weight.grad is not None
