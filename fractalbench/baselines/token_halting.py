@@ -67,6 +67,20 @@ def masked_layer(block: EncoderLayer, x: Tensor, active: Tensor) -> Tensor:
     return torch.where(active[..., None], h, x)
 
 
+def gathered_layer(block: EncoderLayer, x: Tensor, active: Tensor) -> Tensor:
+    """``block`` on the ``active`` tokens only: the samples grouped by how many tokens they have left,
+    each group's tokens gathered into one batch (no padding), run and written back."""
+    x = x.clone()
+    counts = active.sum(1)
+    for size in counts.unique().tolist():
+        if size == 0:
+            continue
+        rows = (counts == size).nonzero(as_tuple=True)[0]
+        cols = active[rows].nonzero(as_tuple=True)[1].reshape(len(rows), size)  # in token order
+        x[rows[:, None], cols] = block(x[rows[:, None], cols])
+    return x
+
+
 class HaltingViT(DynamicModel):
     """ViT-Lite with A-ViT's token halting; see the module docstring."""
 
@@ -96,6 +110,14 @@ class HaltingViT(DynamicModel):
 
     def _masked(self, x: Tensor, threshold: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Every token at every layer, the halted ones masked (training; ``mode="mask"``)."""
+        return self._run(x, threshold, masked_layer)
+
+    def _compact(self, x: Tensor, threshold: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Only the tokens in flight: per layer, the samples grouped by tokens left, gathered, run."""
+        return self._run(x, threshold, gathered_layer)
+
+    def _run(self, x: Tensor, threshold: float, run_layer: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The halting bookkeeping around ``run_layer(block, h, active)`` (masked or gathered)."""
         v = self.backbone
         h = v.embed(x)
         n, t = h.shape[:2]
@@ -107,11 +129,10 @@ class HaltingViT(DynamicModel):
         gates, probs, masses = [], [], []
         for layer, block in enumerate(v.blocks):
             gates.append(active.clone())
-            h = masked_layer(block, h, active)
+            h = run_layer(block, h, active)
             score = self.halting(h)
             new = cumulative + score * active
-            last = layer == self.depth - 1
-            halt = active & ((new >= threshold) | last)
+            halt = active & ((new >= threshold) | (layer == self.depth - 1))
             probs.append(torch.where(active, new, torch.full_like(new, FAR)))
             # the class token's mean field: h^l while it runs on, the remainder where it halts
             weight = torch.where(halt[:, 0], 1 - cumulative[:, 0], score[:, 0] * active[:, 0])
@@ -128,40 +149,6 @@ class HaltingViT(DynamicModel):
         logits = v.head.fc(v.head.norm(out))
         return logits, {"gates": torch.stack(gates, 1), "depth": depth, "remainder": remainder,
                         "probs": torch.stack(probs, 1), "mass": torch.stack(masses, 1)}
-
-    def _compact(self, x: Tensor, threshold: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Only the tokens in flight: per layer, the samples grouped by tokens left, gathered, run."""
-        v = self.backbone
-        h = v.embed(x)
-        n, t, d = h.shape
-        active = torch.ones(n, t, dtype=torch.bool, device=h.device)
-        cumulative = h.new_zeros(n, t)
-        depth = torch.full((n, t), self.depth, dtype=torch.long, device=h.device)
-        out = torch.zeros_like(h[:, 0])
-        gates, probs = [], []
-        for layer, block in enumerate(v.blocks):
-            gates.append(active.clone())
-            counts = active.sum(1)
-            for size in counts.unique().tolist():
-                if size == 0:
-                    continue
-                rows = (counts == size).nonzero(as_tuple=True)[0]
-                cols = active[rows].nonzero(as_tuple=True)[1].reshape(len(rows), size)  # in token order
-                h[rows[:, None], cols] = block(h[rows[:, None], cols])
-            score = self.halting(h)
-            new = cumulative + score * active
-            halt = active & ((new >= threshold) | (layer == self.depth - 1))
-            probs.append(torch.where(active, new, torch.full_like(new, FAR)))
-            weight = torch.where(halt[:, 0], 1 - cumulative[:, 0], score[:, 0] * active[:, 0])
-            out = out + weight[:, None] * h[:, 0]
-            depth = torch.where(halt, torch.full_like(depth, layer + 1), depth)
-            cumulative = torch.where(active & ~halt, new, cumulative)
-            ended = active & ~halt & ~(active & ~halt)[:, :1]
-            depth = torch.where(ended, torch.full_like(depth, layer + 1), depth)
-            active = active & ~halt
-            active = active & active[:, :1]
-        logits = v.head.fc(v.head.norm(out))
-        return logits, {"gates": torch.stack(gates, 1), "depth": depth, "probs": torch.stack(probs, 1)}
 
     def _trace(self, info: dict[str, Tensor], mode: str) -> Trace:
         gates = info["gates"]  # [N, L, T]
