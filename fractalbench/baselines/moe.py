@@ -401,6 +401,50 @@ class MoENetwork(DynamicModel):
                   for layer in range(len(self.moe)) for e in range(self.num_experts)]
         return units
 
+    def expert_compute(self, trace: Trace, table: Any, batch_size: int) -> list[dict[str, Any]]:
+        """Useful against padded expert compute per MoE layer (the sparse accounting MoE-CAP asks for),
+        from a trace of :meth:`dynamic_forward` and the cost table (per-token expert MACs are the
+        ``layer{l}_expert{e}`` units). Per layer: ``useful`` [N] float64, the MACs of the (token,
+        expert) pairs routed, what the compact dispatch runs; ``padded`` [N], what a static-shape
+        dispatch (every expert a buffer of fixed size, GShard/Switch style) runs for the same routes:
+        ``capacity x sum_e MACs_e`` per sample where the capacity is per sample; expert choice over the
+        batch: capacity(B x T) per dispatch group of B samples (the evaluation batches, consecutive
+        samples of the trace, the last one smaller), shared by its samples; no capacity: every expert's
+        buffer the busiest expert's load in the batch. ``dropped``: (token, choice) assignments no
+        expert ran (capacity or decision threshold; expert choice: tokens no expert took) out of
+        ``routable`` (N T k; expert choice N T)."""
+        if trace.experts is None:
+            raise ValueError("this trace has no expert assignments (not from a routed model)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        experts = trace.experts.detach().cpu().long()
+        n, e = experts.shape[0], self.num_experts
+        groups = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        out = []
+        for index, layer in enumerate(self.moe):
+            assign = experts[:, index]  # [N, S]
+            tokens = assign.shape[1] // layer.k  # expert choice: k = E slots per token
+            macs = torch.tensor([float(table[f"layer{index}_expert{j}"]) for j in range(e)], dtype=torch.float64)
+            counts = (assign[:, :, None] == torch.arange(e)).sum(1).double()  # [N, E]
+            useful, padded = counts @ macs, torch.zeros(n, dtype=torch.float64)
+            batch_groups = layer.capacity_factor is None or layer.batch_dependent
+            for start, stop in groups if batch_groups else [(0, n)]:
+                size = stop - start
+                if layer.capacity_factor is None:
+                    slots = float(counts[start:stop].sum(0).max()) / size  # the busiest expert's load, shared
+                elif layer.batch_dependent:
+                    slots = layer.capacity(size * tokens) / size
+                else:
+                    slots = float(layer.capacity(tokens))
+                padded[start:stop] = slots * float(macs.sum())
+            routable = n * tokens * (1 if layer.router_type == "expert_choice" else layer.k)
+            out.append({"layer": index, "useful": useful, "padded": padded, "dropped": int((assign == -1).sum()),
+                        "routable": routable, "tokens": tokens,
+                        "capacity": None if layer.capacity_factor is None else (
+                            layer.capacity(batch_size * tokens) if layer.batch_dependent else layer.capacity(tokens)),
+                        "dispatch": f"per batch of {batch_size}" if batch_groups else "per sample"})
+        return out
+
     def active_parameters(self) -> int:
         """Parameters on one token's inference path: every parameter outside the expert banks
         except the routers' training-only noise projections, plus k experts per MoE layer.

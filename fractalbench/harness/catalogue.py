@@ -116,7 +116,18 @@ METRICS: tuple[Metric, ...] = (
        "expected calibration error of exit `exit`: 15 equal-width bins of the max softmax probability"),
     _m("gate_rate", "fraction", "info", "dynamic", False, "share of samples executing gated block `detail.gate`"),
     _m("expert_load", "fraction", "info", "dynamic", False,
-       "share of routed tokens of layer `detail.layer` sent to expert `detail.expert`"),
+       "share of routed tokens of layer `detail.layer` sent to expert `detail.expert`; n/std/p50/p90/p99: the same "
+       "share within each sample, over the samples"),
+    _m("expert_macs_useful", "MACs", "info", "dynamic", False,
+       "mean MACs per sample of the routed (token, expert) pairs: the expert compute the compact dispatch runs"),
+    _m("expert_macs_padded", "MACs", "info", "dynamic", False,
+       "mean MACs per sample a static-shape dispatch runs for the same routes (every expert a buffer of its "
+       "capacity; no capacity: the busiest expert's load in the batch)"),
+    _m("expert_utilization", "fraction", "info", "dynamic", False,
+       "expert_macs_useful / expert_macs_padded over the split (MoE-CAP's sparse accounting)"),
+    _m("tokens_dropped", "fraction", "info", "dynamic", False,
+       "share of layer `detail.layer`'s (token, choice) assignments no expert ran (capacity or decision threshold; "
+       "expert choice: tokens no expert took); detail: count and routable"),
     _m("routing_weight", "fraction", "info", "dynamic", False,
        "soft routing (dynamic convolution): expert `detail.expert`'s share of layer `detail.layer`'s routing weight "
        "over the test images; detail: the mean weight and its p10/p50/p90/min/max"),

@@ -305,6 +305,14 @@ def active_parameters(model: nn.Module) -> int | None:
     return int(hook()) if callable(hook) else None
 
 
+def expert_compute(model: nn.Module, trace: Trace, table: Any, batch_size: int) -> list[dict[str, Any]] | None:
+    """Per routed layer, useful against padded expert MACs and dropped assignments (the model's
+    ``expert_compute(trace, table, batch_size)`` hook, e.g.
+    :meth:`fractalbench.baselines.moe.MoENetwork.expert_compute`), or None for models without it."""
+    hook = getattr(model, "expert_compute", None)
+    return hook(trace, table, batch_size) if callable(hook) and trace.experts is not None else None
+
+
 def dense_backbone(model: nn.Module) -> nn.Module | None:
     """The dense network ``model`` is built on (its ``dense_backbone()`` hook), or None."""
     hook = getattr(model, "dense_backbone", None)

@@ -29,6 +29,7 @@ from fractalbench.harness.metrics.flops import (
     cost_rows,
     expected_cost_rows,
     expected_macs,
+    expert_compute_rows,
     oracle_rows,
 )
 from fractalbench.harness.metrics.settings import StreamPoint
@@ -253,12 +254,16 @@ def step_learned_decisions(s: CellState) -> Rows:
 
 
 def step_cost(s: CellState) -> Rows:
-    """MACs/FLOPs per forced exit, cost units and fvcore's check; each point's expected MACs; the
-    per-sample oracle on a few points (every third)."""
+    """MACs/FLOPs per forced exit, cost units and fvcore's check; each point's expected MACs (and a
+    routed model's useful vs padded expert MACs and dropped tokens); the per-sample oracle on a few
+    points (every third)."""
     table, sample = s.need("cost_table"), _inputs(s.splits.test, 1).to(s.device)
     rows = cost_rows(s.model, sample, None, table=table, include_params=False, **s.fields)
     for point in s.points:
-        rows.extend(expected_cost_rows(point.trace, table, point.policy, **{**s.fields, "threshold": point.threshold}))
+        point_fields = {**s.fields, "threshold": point.threshold}
+        rows.extend(expected_cost_rows(point.trace, table, point.policy, **point_fields))
+        rows.extend(expert_compute_rows(s.model, point.trace, table, s.suite.eval_batch_size, point.policy,
+                                        **point_fields))
     if s.suite.cost.oracle_samples and s.points:
         inputs = _inputs(s.splits.test).to(s.device)
         for point in s.points[:: max(1, len(s.points) // 3)]:

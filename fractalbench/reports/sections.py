@@ -301,8 +301,8 @@ def section_memory(ctx: ReportContext) -> Body | None:
 def section_dynamic(ctx: ReportContext) -> Body | None:
     frame = ctx.frame
     exits, skips, experts = tables.exit_histograms(frame), tables.skip_rates(frame), tables.expert_loads(frame)
-    parts = tables.cost_decomposition(frame)
-    if exits.empty and skips.empty and experts.empty and parts.empty:
+    parts, routed = tables.cost_decomposition(frame), tables.routed_compute(frame)
+    if exits.empty and skips.empty and experts.empty and parts.empty and routed.empty:
         return None
     blocks = []
     if not parts.empty:
@@ -312,6 +312,16 @@ def section_dynamic(ctx: ReportContext) -> Body | None:
                         "share of the full network (the last forced exit, heads included) avoided; 'vs forward()' "
                         "against the plain backbone path where that path is fixed."),
                    *ctx.table(parts, "cost_decomposition")]
+    if not routed.empty:
+        blocks += [Heading("Routed compute: useful against padded"),
+                   Note("Routed models, per operating point: mean expert MACs per image of the (token, expert) pairs "
+                        "routed (what the compact dispatch runs) against what a static-shape dispatch runs for the "
+                        "same routes, every expert a buffer of its capacity (per sample, or per evaluation batch for "
+                        "batch-wide expert choice; no capacity: the busiest expert's load in the batch); "
+                        "utilization = useful / padded. Dropped: share of each layer's (token, choice) assignments "
+                        "no expert ran. Busiest expert: its share of the layer's tokens, and in brackets the 90th "
+                        "percentile of that share within single images."),
+                   *ctx.table(routed, "routed_compute")]
     for title, table, fn, name in (("Exit histograms", exits, plots.plot_exit_histograms, "exit_histograms"),
                                    ("Skip rates", skips, plots.plot_skip_rates, "skip_rates"),
                                    ("Expert load", experts, plots.plot_expert_load, "expert_load")):

@@ -61,7 +61,8 @@ __all__ = [
     "last_exit_values", "operating_points", "grid_points", "pareto_mask", "near_frontier_mask", "point_selection",
     "chosen_points", "latency_vs_predicted", "preserved_accuracy",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
-    "summary_table", "brief_summary", "cost_decomposition", "per_exit_table", "latency_table", "memory_table",
+    "summary_table", "brief_summary", "cost_decomposition",
+    "routed_compute", "per_exit_table", "latency_table", "memory_table",
     "error_table",
     "exit_histograms", "skip_rates", "expert_loads", "pattern_table", "rows_table", "other_metrics_table",
 ]
@@ -303,6 +304,49 @@ def cost_decomposition(frame: pd.DataFrame) -> pd.DataFrame:
     columns = [*GROUP, "policy", "threshold", *DECOMPOSITION_PARTS.values(), "avoided vs forward()"]
     out = pd.DataFrame([v for k, v in wide.items() if k in chosen and "backbone MACs" in v], columns=columns)
     return out.sort_values([*GROUP, "MACs"]).reset_index(drop=True) if not out.empty else out
+
+
+ROUTED_PARTS = {"expert_macs_useful": "useful expert MACs", "expert_macs_padded": "padded expert MACs",
+                "expert_utilization": "utilization"}
+
+
+def routed_compute(frame: pd.DataFrame) -> pd.DataFrame:
+    """Routed models, per operating point: useful against padded expert MACs per image and their
+    ratio (``expert_macs_*`` / ``expert_utilization`` rows), the share of assignments dropped per
+    layer (``tokens_dropped``, as ``layer: share`` text) and the busiest expert's share per layer
+    with its per-sample p90 (``expert_load``)."""
+    wide: dict[tuple, dict[str, Any]] = {}
+
+    def entry(row: Any) -> dict[str, Any]:
+        key = (*(getattr(row, g) for g in GROUP), row.policy, threshold_key(row.threshold))
+        return wide.setdefault(key, {**{g: getattr(row, g) for g in GROUP}, "policy": row.policy,
+                                     "threshold": none_if_nan(row.threshold)})
+
+    for row in frame[frame["metric"].isin(list(ROUTED_PARTS))].itertuples():
+        entry(row)[ROUTED_PARTS[row.metric]] = row.value
+    if not wide:
+        return pd.DataFrame()
+    for row in metric_rows(frame, "tokens_dropped").itertuples():
+        entry(row).setdefault("dropped per layer", [])
+        entry(row)["dropped per layer"].append(f"{detail_of(row.detail).get('layer')}: {row.value:.3f}")
+    for row in metric_rows(frame, "expert_load").itertuples():
+        layer = detail_of(row.detail).get("layer")
+        per_layer = entry(row).setdefault("_busiest", {})
+        if layer not in per_layer or row.value > per_layer[layer][0]:
+            per_layer[layer] = (row.value, row.p90)
+    records = []
+    for v in wide.values():
+        if "useful expert MACs" not in v:
+            continue
+        v = dict(v)
+        v["dropped per layer"] = ", ".join(v.get("dropped per layer", []))
+        v["busiest expert share (p90)"] = ", ".join(
+            f"{layer}: {share:.3f} ({p90:.3f})" if p90 == p90 else f"{layer}: {share:.3f}"
+            for layer, (share, p90) in sorted(v.pop("_busiest", {}).items(), key=lambda kv: str(kv[0])))
+        records.append(v)
+    columns = [*GROUP, "policy", "threshold", *ROUTED_PARTS.values(), "dropped per layer", "busiest expert share (p90)"]
+    out = pd.DataFrame(records, columns=columns)
+    return out.sort_values([*GROUP, "useful expert MACs"]).reset_index(drop=True) if not out.empty else out
 
 
 def pattern_table(frame: pd.DataFrame) -> pd.DataFrame:

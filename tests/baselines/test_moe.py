@@ -485,3 +485,73 @@ def test_a_training_step_under_bf16_autocast(name):
         loss = sum(contract.loss_terms(model, x, y).values())
     loss.backward()
     assert torch.isfinite(loss) and model.moe[0].router.weight.grad is not None
+
+
+# ----- useful against padded expert compute (MoE-CAP's sparse accounting), by hand -----------------
+
+def _hand_trace(layer0, layers=2):
+    experts = torch.tensor(layer0)[:, None, :].expand(-1, layers, -1).clone()
+    return contract.Trace(torch.zeros(len(layer0), dtype=torch.long), {}, experts=experts)
+
+
+PER_TOKEN = {f"layer{layer}_expert{e}": float(e + 1) for layer in range(2) for e in range(4)}  # MACs 1, 2, 3, 4
+
+
+def test_expert_compute_without_capacity_pads_to_the_busiest_expert_of_each_batch():
+    """Noisy top-2, no capacity, 2 tokens x 2 choices per sample, batches of 2. Sample 0 [0, 1, 0, 2],
+    sample 1 [0, 1, 0, 1], sample 2 [3, -1, 3, 3] (one choice dropped by a threshold).
+    Useful: 2x1 + 2 + 3 = 7, 2x1 + 2x2 = 6, 3x4 = 12. Batch 1's busiest expert is 0 with 4 tokens,
+    so every expert's buffer is 4 rows shared by 2 samples: 2 x (1+2+3+4) = 20 per sample; batch 2
+    (sample 2 alone): expert 3 with 3 tokens, 3 x 10 = 30."""
+    model = build("moe_resnet20_top2")
+    layers = model.expert_compute(_hand_trace([[0, 1, 0, 2], [0, 1, 0, 1], [3, -1, 3, 3]]), PER_TOKEN, 2)
+    first = layers[0]
+    assert first["useful"].tolist() == [7.0, 6.0, 12.0] and first["padded"].tolist() == [20.0, 20.0, 30.0]
+    assert (first["dropped"], first["routable"], first["tokens"], first["capacity"]) == (1, 12, 2, None)
+    assert first["dispatch"] == "per batch of 2"
+
+
+def test_expert_compute_with_a_per_sample_capacity_pads_every_expert_to_it():
+    """Switch (top-1, capacity factor 1.25) with 4 tokens per sample: capacity ceil(1.25 x 4 / 4) = 2
+    per expert, so padded = 2 x (1+2+3+4) = 20 per sample whatever the batch; sample 0 routes
+    [0, 0, -1, 1] (useful 1+1+2 = 4), sample 1 [2, 3, 3, 2] (3+4+4+3 = 14)."""
+    model = build("switch_resnet20")
+    layers = model.expert_compute(_hand_trace([[0, 0, -1, 1], [2, 3, 3, 2]]), PER_TOKEN, 1)
+    first = layers[0]
+    assert first["capacity"] == 2 and first["dispatch"] == "per sample"
+    assert first["useful"].tolist() == [4.0, 14.0] and first["padded"].tolist() == [20.0, 20.0]
+    assert (first["dropped"], first["routable"]) == (1, 8)
+
+
+def test_expert_compute_of_batch_wide_expert_choice_shares_the_batch_capacity():
+    """Expert choice (capacity factor 2, 4 experts) over the batch, 1 token per sample (4 slots), 3
+    samples in batches of 2: a batch of 2 tokens gives each expert min(2, ceil(2 x 2 / 4)) = 1 slot,
+    10 MACs of buffers over 2 samples = 5 each; the last batch (1 token): min(1, ceil(2/4)) = 1 slot,
+    10 MACs. Sample 0 taken by experts 0 and 1 (useful 3), sample 1 by 2 and 3 (7), sample 2 by
+    none (dropped: -1 in its first slot)."""
+    model = build("expert_choice_resnet20")
+    empty = -2
+    trace = _hand_trace([[0, 1, empty, empty], [empty, empty, 2, 3], [-1, empty, empty, empty]])
+    first = model.expert_compute(trace, PER_TOKEN, 2)[0]
+    assert first["useful"].tolist() == [3.0, 7.0, 0.0] and first["padded"].tolist() == [5.0, 5.0, 10.0]
+    assert (first["dropped"], first["routable"], first["tokens"]) == (1, 3, 1)
+
+
+def test_vit_switch_overflow_useful_against_padded_rows_by_hand():
+    """The overflow case above through the rows: per image 6 of 17 tokens run expert 0 (6 x 32,768
+    MACs useful); each of the 4 experts has a 6-token buffer (24 x 32,768 padded): utilization 1/4;
+    22 of 34 assignments dropped."""
+    from fractalbench.harness.metrics import expert_compute_rows
+
+    model = build("switch_vit_lite_2_4")
+    with torch.no_grad():
+        model.moe[0].router.weight.zero_()
+        model.moe[0].router.weight[0].fill_(1.0)
+        model.backbone.blocks[1].norm1.bias.fill_(5.0)
+    x = torch.randn(2, 3, 16, 16)
+    trace = contract.dynamic_forward(model, x).trace
+    rows = {r["metric"]: r for r in expert_compute_rows(model, trace, unit_table(model, x[:1]), 64, "routed")}
+    assert rows["expert_macs_useful"]["value"] == 6 * 32_768
+    assert rows["expert_macs_padded"]["value"] == 24 * 32_768
+    assert rows["expert_utilization"]["value"] == 0.25
+    assert rows["tokens_dropped"]["value"] == 22 / 34 and rows["tokens_dropped"]["n"] == 34

@@ -10,10 +10,12 @@ from fractalbench.harness import contract
 from fractalbench.harness.early_exit import EarlyExitNetwork
 from fractalbench.harness.metrics import (
     ZERO_MAC_OPS,
+    CostTable,
     MacCounter,
     build_cost_table,
     cost_rows,
     count_macs,
+    expected_cost_rows,
     expected_macs,
     fvcore_count,
     oracle_check,
@@ -267,6 +269,23 @@ def test_routed_rows_report_active_parameters_and_expert_load(tiny_models):
     assert len(loads) == 6
     for layer in range(2):
         assert sum(r["value"] for r in loads if json.loads(r["detail"])["layer"] == layer) == pytest.approx(1.0)
+
+
+def test_expert_load_rows_carry_the_per_sample_spread():
+    """Layer 0, three experts: sample 0 routes [0, 1], sample 1 [1, 1], sample 2 [2, dropped], sample
+    3 nothing (both dropped, left out of the spread). Expert 1: 3 of 8 assignments overall; within
+    each routing sample 1/2, 1, 0 -> median 1/2, min 0, max 1, n 3."""
+    trace = contract.Trace(torch.zeros(4, dtype=torch.long), {"u": torch.ones(4)},
+                           experts=torch.tensor([[[0, 1]], [[1, 1]], [[2, -1]], [[-1, -1]]]))
+    table = CostTable(units={"u": 1.0}, exits=(1.0,), baselines={"u": None}, probes={}, exit_counts=(),
+                      input_shape=(1,))
+    loads = {json.loads(r["detail"])["expert"]: r for r in expected_cost_rows(trace, table, "p")
+             if r["metric"] == "expert_load"}
+    one = loads[1]
+    assert one["value"] == 3 / 8 and one["n"] == 3 and one["p50"] == 0.5
+    detail = json.loads(one["detail"])
+    assert (detail["min"], detail["max"], detail["count"], detail["dropped"], detail["tokens"]) == (0.0, 1.0, 3, 3, 8)
+    assert loads[0]["p50"] == 0.0 and loads[0]["p90"] == pytest.approx(0.4)  # shares 0.5, 0, 0
 
 
 def test_oracle_rows_flag_a_wrong_cost_table(tiny_models):

@@ -169,6 +169,11 @@ def _moe_rows(model: str, c: Cell) -> list[dict]:
         rows += [make_row("expert_load", v, "fraction", policy="router", n=16000, **f,
                           detail={"layer": layer, "expert": e, "count": int(v * 16000), "dropped": 0})
                  for e, v in enumerate(loads)]
+        rows.append(make_row("tokens_dropped", 0.125 * layer, "fraction", policy="router", n=16000, **f,
+                             detail={"layer": layer, "count": 2000 * layer, "routable": 16000}))
+    rows += [make_row("expert_macs_useful", 6_000_000, "MACs", policy="router", n=1000, **f),
+             make_row("expert_macs_padded", 8_000_000, "MACs", policy="router", n=1000, **f),
+             make_row("expert_utilization", 0.75, "fraction", policy="router", n=1000, **f)]
     return rows
 
 

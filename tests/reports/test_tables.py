@@ -101,6 +101,16 @@ def test_measured_policy_latency_beside_its_prediction(run_dir):
     assert set(pairs.index.get_level_values("label")) == {"branchynet"}
 
 
+def test_routed_compute_puts_useful_beside_padded_with_drops_and_the_busiest_expert(run_dir):
+    routed = tables.routed_compute(frame_of(run_dir))
+    assert len(routed) == 1
+    row = routed.iloc[0]
+    assert row["model"] == "moe" and row["policy"] == "router"
+    assert (row["useful expert MACs"], row["padded expert MACs"], row["utilization"]) == (6e6, 8e6, 0.75)
+    assert row["dropped per layer"] == "0: 0.000, 1: 0.125"
+    assert row["busiest expert share (p90)"] == "0: 0.400, 1: 0.250"  # the fixture's rows carry no p90
+
+
 def test_summary_has_one_row_per_model_with_last_exit_numbers(run_dir):
     summary = frame_of(run_dir).pipe(tables.summary_table).set_index("label")
     assert summary.loc["branchynet", "top1 %"] == 92.5 and summary.loc["branchynet", "MACs (last exit)"] == 40e6

@@ -55,7 +55,12 @@ exit_fraction                  fraction   share of samples leaving at ``exit``
 gate_rate                      fraction   share of samples executing gated block
                                           ``detail.gate``
 expert_load                    fraction   share of routed tokens of layer ``detail.layer`` sent
-                                          to expert ``detail.expert``
+                                          to expert ``detail.expert`` (per-sample p50..p99)
+expert_macs_useful             MACs       mean MACs of the routed (token, expert) pairs
+expert_macs_padded             MACs       the same routes in fixed-capacity expert buffers
+expert_utilization             fraction   useful / padded expert MACs (MoE-CAP)
+tokens_dropped                 fraction   share of layer ``detail.layer``'s assignments no
+                                          expert ran (capacity, threshold)
 macs_oracle_error              MACs       max |counted - table| over the oracle samples (0 = ok)
 oracle_top1                    %          right at any exit (Kaya et al. 2019), with n and interval
 oracle_macs                    MACs       mean MACs when each sample leaves at its first right exit
@@ -91,7 +96,9 @@ from fractalbench.harness.metrics.flops import (
     build_cost_table,
     cost_rows,
     count_macs,
+    expected_cost_rows,
     expected_macs,
+    expert_compute_rows,
     fvcore_count,
     oracle_check,
     oracle_rows,
@@ -110,7 +117,8 @@ from fractalbench.harness.results import field_row
 __all__ = [
     "MIN_SAMPLES_P99", "MiB", "Summary", "check_device", "field_row", "percentile", "summarize",
     "ZERO_MAC_OPS", "CostTable", "ExpectedCost", "FvcoreCount", "MacCount", "MacCounter", "OracleSample",
-    "build_cost_table", "cost_rows", "count_macs", "expected_macs", "fvcore_count", "oracle_check", "oracle_rows",
+    "build_cost_table", "cost_rows", "count_macs", "expected_cost_rows", "expected_macs",
+    "expert_compute_rows", "fvcore_count", "oracle_check", "oracle_rows",
     "parameter_counts", "trace_histograms",
     "LatencySettings", "MeasurementError", "latency_rows", "measure_latency", "overhead_rows", "time_calls",
     "timer_cross_check",

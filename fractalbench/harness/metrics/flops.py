@@ -39,6 +39,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fractalbench.harness import contract
@@ -65,15 +66,15 @@ from fractalbench.harness.metrics._mac_counter import (
     model_device,
 )
 from fractalbench.harness.metrics._mac_formulas import EXTRA_FORMULAS, ZERO_MAC_CATEGORIES, ZERO_MAC_OPS, aten
-from fractalbench.harness.metrics.statistics import MIN_SAMPLES_P99, Summary
+from fractalbench.harness.metrics.statistics import MIN_SAMPLES_P99, Summary, summarize
 from fractalbench.harness.results import field_row as _row
 
 __all__ = [
     "EXTRA_FORMULAS", "FVCORE_MAC_OPS", "ROLE_PARTS", "ZERO_MAC_CATEGORIES", "ZERO_MAC_OPS", "CostTable",
     "ExpectedCost", "FvcoreCount", "MacCount", "MacCounter", "OracleSample", "aten", "build_cost_table", "cost_rows",
     "count_macs", "decomposition_rows", "eval_mode", "expected_cost_rows", "expected_macs", "expected_roles",
-    "fvcore_count", "model_device", "oracle_check", "oracle_rows", "parameter_counts", "pick_samples",
-    "trace_histograms",
+    "expert_compute_rows", "fvcore_count", "model_device", "oracle_check", "oracle_rows", "parameter_counts",
+    "pick_samples", "trace_histograms",
 ]
 
 
@@ -111,9 +112,64 @@ def expected_cost_rows(trace: contract.Trace, table: CostTable, label: str = "",
         rows.append(_row("gate_rate", rate, "fraction", fields, n=s.n, detail={"gate": g}))
     for layer, (counts, dropped) in enumerate(zip(hist.get("expert_counts", []), hist.get("expert_dropped", []))):
         tokens = sum(counts) + dropped
+        shares = _per_sample_shares(trace, layer, len(counts))
         for e, c in enumerate(counts):
-            rows.append(_row("expert_load", c / tokens if tokens else 0.0, "fraction", fields, n=tokens,
-                             detail={"layer": layer, "expert": e, "count": c, "dropped": dropped}))
+            spread = summarize(shares[:, e].tolist()) if len(shares) else None
+            stats = spread.row_stats() if spread else {"n": 0}
+            rows.append(_row("expert_load", c / tokens if tokens else 0.0, "fraction", fields, **stats,
+                             detail={"layer": layer, "expert": e, "count": c, "dropped": dropped, "tokens": tokens,
+                                     "min": spread.min if spread else None, "max": spread.max if spread else None,
+                                     "definition": EXPERT_LOAD}))
+    return rows
+
+
+EXPERT_LOAD = (
+    "value: the expert's share of the layer's routed assignments over the split (count / tokens, tokens = routed + "
+    "dropped); n, std, p50, p90, p99, min, max: the same share within each sample (its routed assignments), over the "
+    "samples that routed any")
+
+
+def _per_sample_shares(trace: contract.Trace, layer: int, num_experts: int) -> Tensor:
+    """[M, E]: each sample's share of its routed assignments of ``layer`` per expert (samples routing none left out)."""
+    assign = trace.experts[:, layer].detach().cpu().long()
+    counts = (assign[:, :, None] == torch.arange(num_experts)).sum(1).double()
+    total = counts.sum(1, keepdim=True)
+    keep = total[:, 0] > 0
+    return counts[keep] / total[keep]
+
+
+EXPERT_COMPUTE = (
+    "useful: mean MACs per sample of the (token, expert) pairs routed, what the compact dispatch runs (per-token "
+    "expert MACs from the cost table); padded: what a static-shape dispatch runs for the same routes, every expert "
+    "a buffer of its capacity (per sample, or per evaluation batch for batch-wide expert choice; no capacity: the "
+    "busiest expert's load in the batch); utilization = useful / padded (MoE-CAP's sparse accounting)")
+
+
+def expert_compute_rows(model: nn.Module, trace: contract.Trace, table: CostTable, batch_size: int,
+                        label: str = "", /, **row_fields: Any) -> list[dict[str, Any]]:
+    """Routed models (``expert_compute`` hook): ``expert_macs_useful``, ``expert_macs_padded`` and
+    ``expert_utilization`` over all routed layers (per layer in detail), and ``tokens_dropped`` per
+    layer (share of assignments no expert ran; detail: count and total). [] for other models."""
+    layers = contract.expert_compute(model, trace, table, batch_size)
+    if not layers:
+        return []
+    fields = {**row_fields, "policy": label or row_fields.get("policy", "")}
+    useful = sum(layer["useful"] for layer in layers)
+    padded = sum(layer["padded"] for layer in layers)
+    u, p = summarize(useful.tolist()), summarize(padded.tolist())
+    per_layer = [{"layer": layer["layer"], "useful": float(layer["useful"].mean()),
+                  "padded": float(layer["padded"].mean()), "capacity": layer["capacity"],
+                  "tokens": layer["tokens"], "dispatch": layer["dispatch"]}
+                 for layer in layers]
+    detail = {"per_layer": per_layer, "batch_size": batch_size, "definition": EXPERT_COMPUTE}
+    rows = [_row("expert_macs_useful", u.mean, "MACs", fields, **u.row_stats(), detail=detail),
+            _row("expert_macs_padded", p.mean, "MACs", fields, **p.row_stats(), detail=detail),
+            _row("expert_utilization", float(useful.sum() / padded.sum()) if float(padded.sum()) else 0.0, "fraction",
+                 fields, n=len(useful), detail=detail)]
+    for layer in layers:
+        rows.append(_row("tokens_dropped", layer["dropped"] / layer["routable"] if layer["routable"] else 0.0,
+                         "fraction", fields, n=layer["routable"],
+                         detail={"layer": layer["layer"], "count": layer["dropped"], "routable": layer["routable"]}))
     return rows
 
 
