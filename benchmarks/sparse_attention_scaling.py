@@ -9,6 +9,9 @@ blocks of 64; Longformer: one window block on each side and the first block glob
 same plus 3 random blocks per query block), in eval mode, batch 1, one intra-op and one inter-op
 thread, random input from a fixed seed. Lengths 256 to 4,096.
 
+Measured by :func:`fractalbench.harness.metrics.length_scaling.measure_at_lengths` (the code behind
+a suite's ``cost.lengths`` rows), here on the bare attention layer:
+
 - MACs: counted by the harness (``MacCounter``) for one call: the whole layer (projections and the two
   attention products) and the products alone (``aten.bmm``), the latter checked against the hand
   formula :func:`fractalbench.baselines.sparse_attention.attention_macs`.
@@ -31,9 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fractalbench.baselines.sparse_attention import BlockSparseAttention, attention_macs  # noqa: E402
-from fractalbench.harness.metrics import MacCounter  # noqa: E402
-from fractalbench.harness.metrics.memory import torch_peak_bytes  # noqa: E402
-from fractalbench.harness.metrics.timing import set_threads, time_calls  # noqa: E402
+from fractalbench.harness.metrics.length_scaling import measure_at_lengths  # noqa: E402
+from fractalbench.harness.metrics.timing import set_threads  # noqa: E402
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
 CONFIGS = {"full": {}, "longformer": {}, "bigbird": {"random": 3}}
@@ -48,25 +50,17 @@ def layer(attention: str, length: int) -> BlockSparseAttention:
 
 
 def measure(length: int) -> dict[str, dict[str, float]]:
-    x = torch.randn(1, length, DIM, generator=torch.Generator().manual_seed(1))
-    layers = {name: layer(name, length) for name in CONFIGS}
+    found = measure_at_lengths(lambda n: {name: layer(name, n) for name in CONFIGS},
+                               lambda n: torch.randn(1, n, DIM, generator=torch.Generator().manual_seed(1)),
+                               (length,), rounds=ROUNDS, calls=CALLS, warmup=WARMUP)[length]
     out: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        for name, module in layers.items():
-            with MacCounter(module) as counter:
-                module(x)
-            count = counter.result()
-            products = count.by_operator.get("aten.bmm", 0)
-            expected = attention_macs(length, QKV, name, BLOCK, **{k: v for k, v in CONFIGS[name].items()})
-            if products != expected:
-                raise AssertionError(f"{name} at {length}: counted {products} attention MACs, formula {expected}")
-            out[name] = {"macs": count.total, "attention_macs": products,
-                         "peak_bytes": torch_peak_bytes(lambda m=module: m(x))["bytes"], "times": []}
-        for _ in range(ROUNDS):
-            for name, module in layers.items():
-                out[name]["times"] += time_calls(lambda i, m=module: m(x), CALLS, warmup=WARMUP)
-    for row in out.values():
-        row["ms"] = statistics.median(row.pop("times"))
+    for name, row in found.items():
+        expected = attention_macs(length, QKV, name, BLOCK, **CONFIGS[name])
+        if row["attention_macs"] != expected:
+            raise AssertionError(f"{name} at {length}: counted {row['attention_macs']} attention MACs, "
+                                 f"formula {expected}")
+        out[name] = {"macs": row["macs"], "attention_macs": row["attention_macs"], "peak_bytes": row["peak_bytes"],
+                     "ms": statistics.median(row["times"])}
     for name in ("longformer", "bigbird"):
         row, full = out[name], out["full"]
         row["macs_saving"] = 1 - row["macs"] / full["macs"]

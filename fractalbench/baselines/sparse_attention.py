@@ -175,6 +175,10 @@ class PixelSequenceTransformer(nn.Module):
                  dropout: float = 0.3, attention_dropout: float = 0.2) -> None:
         super().__init__()
         self.in_chans, self.seq_len, self.attention = in_chans, seq_len, attention
+        self.config = {"num_classes": num_classes, "in_chans": in_chans, "dim": dim, "qkv_dim": qkv_dim,
+                       "mlp_dim": mlp_dim, "heads": heads, "depth": depth, "block": block, "window": window,
+                       "globals_": globals_, "random": random, "seed": seed, "dropout": dropout,
+                       "attention_dropout": attention_dropout}
         self.embed = nn.Linear(1, dim)
         self.positions = nn.Parameter(torch.zeros(1, seq_len, dim))
         nn.init.normal_(self.positions, std=0.02)
@@ -197,6 +201,19 @@ class PixelSequenceTransformer(nn.Module):
             raise ValueError(f"this model reads {self.seq_len} pixels (seq_len={self.seq_len}), got "
                              f"{x.shape[-2]}x{x.shape[-1]} = {seq.shape[1]}")
         return seq
+
+    def at_length(self, seq_len: int) -> dict[str, PixelSequenceTransformer]:
+        """This configuration at another sequence length, freshly initialised, and (for a sparse
+        attention) the same configuration with full attention: the variants whose cost against
+        length :mod:`fractalbench.harness.metrics.length_scaling` measures."""
+        variants = {self.attention: PixelSequenceTransformer(self.attention, seq_len=seq_len, **self.config)}
+        if self.attention != "full":
+            variants["full"] = PixelSequenceTransformer("full", seq_len=seq_len, **self.config)
+        return variants
+
+    def length_input(self, seq_len: int) -> Tensor:
+        """One sample of ``seq_len`` pixels: a one-channel 1 x seq_len image (any length, square or not)."""
+        return torch.randn(1, 1, 1, seq_len, generator=torch.Generator().manual_seed(seq_len))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.drop(self.embed(self.pixels(x)) + self.positions)

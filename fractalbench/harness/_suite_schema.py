@@ -386,6 +386,9 @@ class CostConfig(Section):
     oracle_samples: described(whole(0), "test samples whose MACs are counted one by one to check the expected "
                                         "cost from the cost table (0: no check)") = 8
     input_sizes: described(tuple[whole(1), ...], "extra input sizes (pixels) for a cost-only table, e.g. 224") = ()
+    lengths: described(tuple[whole(1), ...], "sequence lengths at which sequence models (the LRA transformers) "
+                                             "are measured against full attention of the same size: MACs, latency "
+                                             "and peak memory per length, batch 1, e.g. [256, 1024, 4096]") = ()
     sweep_check_samples: described(whole(0), "test samples on which every threshold-sweep point of an early-exit "
                                              "cascade also runs the real stopping path, which must agree with the "
                                              "sweep computed from exit logits (0: run the real path on all of "

@@ -131,6 +131,15 @@ METRICS: tuple[Metric, ...] = (
     _m("routing_weight", "fraction", "info", "dynamic", False,
        "soft routing (dynamic convolution): expert `detail.expert`'s share of layer `detail.layer`'s routing weight "
        "over the test images; detail: the mean weight and its p10/p50/p90/min/max"),
+    # cost against sequence length (fractalbench.harness.metrics.length_scaling)
+    _m("macs_at_length", "MACs", "count", "cost", False,
+       "MACs of one forward (batch 1) at sequence length `detail.length` of variant `policy` (the model's attention "
+       "or full attention of the same size); detail.attention_macs: the attention products alone"),
+    _m("latency_at_length", "ms", "info", "latency", True,
+       "median ms per call (batch 1) at sequence length `detail.length` of variant `policy`, variants interleaved"),
+    _m("memory_at_length", "MiB", "info", "memory", True,
+       "peak memory of one call (batch 1) at sequence length `detail.length` of variant `policy` (CPU: torch's "
+       "allocator events; GPU: max_memory_allocated)"),
     # latency
     _m("latency", "ms", "timing", "latency", True,
        "ms per call: forced path to `exit` (policy empty) or the operating point (`policy`, `threshold`)"),

@@ -313,6 +313,26 @@ def expert_compute(model: nn.Module, trace: Trace, table: Any, batch_size: int) 
     return hook(trace, table, batch_size) if callable(hook) and trace.experts is not None else None
 
 
+def has_length_variants(model: nn.Module) -> bool:
+    """Whether ``model`` is a sequence model that can be built at other lengths (``at_length`` and
+    ``length_input`` hooks; :mod:`fractalbench.harness.metrics.length_scaling`)."""
+    return callable(getattr(model, "at_length", None)) and callable(getattr(model, "length_input", None))
+
+
+def length_variants(model: nn.Module, length: int) -> dict[str, nn.Module]:
+    """The variants of ``model`` to measure at sequence length ``length``, by name (its ``at_length``)."""
+    if not has_length_variants(model):
+        raise TypeError(f"{type(model).__name__} has no at_length/length_input hooks (not a sequence model)")
+    return dict(model.at_length(length))
+
+
+def length_input(model: nn.Module, length: int) -> Tensor:
+    """One sample's input at sequence length ``length`` (its ``length_input``)."""
+    if not has_length_variants(model):
+        raise TypeError(f"{type(model).__name__} has no at_length/length_input hooks (not a sequence model)")
+    return model.length_input(length)
+
+
 def dense_backbone(model: nn.Module) -> nn.Module | None:
     """The dense network ``model`` is built on (its ``dense_backbone()`` hook), or None."""
     hook = getattr(model, "dense_backbone", None)

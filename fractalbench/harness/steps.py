@@ -274,6 +274,16 @@ def step_cost(s: CellState) -> Rows:
     return rows
 
 
+def step_length_scaling(s: CellState) -> Rows:
+    """Sequence models: MACs, latency and peak memory at each of the suite's ``cost.lengths``, the
+    model's attention beside full attention of the same size
+    (:mod:`fractalbench.harness.metrics.length_scaling`), in this process."""
+    from fractalbench.harness.metrics.length_scaling import length_scaling_rows
+
+    return length_scaling_rows(s.model, s.suite.cost.lengths, threads=s.suite.latency.threads,
+                               **{**s.fields, "device": s.device})
+
+
 def _sweep_model(s: CellState, value: float) -> nn.Module:
     sweep = s.cell.model.attribute_sweep
     model = copy.deepcopy(s.model)
@@ -416,6 +426,8 @@ STEPS: tuple[Step, ...] = (
     Step("learned_decisions", step_learned_decisions, _m("sweep", "cost"), needs=("cost_table",), produces=("points",),
          applies=lambda s: s.kind in LEARNED_POINT),
     Step("cost", step_cost, _m("cost"), needs=("cost_table",), reads=("points",)),
+    Step("length_scaling", step_length_scaling, _m("cost"),
+         applies=lambda s: bool(s.suite.cost.lengths) and contract.has_length_variants(s.model)),
     Step("attribute_sweep", step_attribute_sweep, _m("accuracy", "sweep", "cost"), needs=("cost_table",),
          applies=lambda s: s.cell.model.attribute_sweep is not None),
     Step("save_weights", step_save_weights, reads=("checkpoint",), produces=("weights",), on_demand=True),

@@ -153,7 +153,8 @@ ERROR_METRICS = names(kinds=["error"])
 MACHINE_INDEPENDENT_METRICS = names(kinds=["accuracy", "count", "distribution", "error"], machine_dependent=False)
 KEY_FIELDS = ("model", "variant", "dataset", "device", "batch_size", "exit", "policy", "threshold", "split", "metric")
 DETAIL_KEYS = {"gate_rate": ("gate",), "expert_load": ("layer", "expert"), "tokens_dropped": ("layer",),
-               "unit_macs": ("cost_unit",)}
+               "unit_macs": ("cost_unit",), "macs_at_length": ("length",), "latency_at_length": ("length",),
+               "memory_at_length": ("length",)}
 MEMORY_FLOOR_MIB = 0.5  # growth smaller than this is never a regression (RSS page and allocator noise)
 _CELL_FIELDS = ("model", "variant", "dataset", "device")
 _Outcomes = tuple[Mapping[str, CellOutcomes], Mapping[str, CellOutcomes]]  # (baseline's, candidate's)

@@ -453,6 +453,34 @@ def plot_expert_load(table: pd.DataFrame, folder: Path) -> list[Plot]:
                  "Share of routed tokens sent to each expert, per MoE layer (uniform = 1 / experts).")]
 
 
+def plot_length_scaling(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """MACs, latency and peak memory against sequence length, one line per model and attention
+    variant, log-log (``table``: :func:`fractalbench.reports.tables.length_scaling`)."""
+    if table.empty:
+        return []
+    lines = list(dict.fromkeys(zip(table["label"], table["device"], table["attention"])))[:MAX_PANELS]
+    colors = _palette([f"{label} ({device})" for label, device, _ in lines])
+    fig, axes = new_figure(13.5, 4.0, ncols=3)
+    for ax, (part, ylabel) in zip(axes[0], (("MACs", "MACs per sequence"), ("latency ms", "ms per call (median)"),
+                                             ("peak MiB", "peak MiB"))):
+        for label, device, attention in lines:
+            rows = table[(table["label"] == label) & (table["device"] == device) & (table["attention"] == attention)]
+            rows = rows.sort_values("length")
+            ax.plot(rows["length"], rows[part], marker="o", color=colors[f"{label} ({device})"],
+                    linestyle="--" if attention == "full" else "-", label=mpl_text(f"{label} ({device}): {attention}"))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        if part == "MACs":
+            ax.yaxis.set_major_formatter(EngFormatter())
+    axes[0][0].legend(fontsize=7)
+    return [save(fig, folder, "length_scaling", "Cost against sequence length",
+                 "Batch 1. Solid: the model's own attention; dashed: full attention of the same size at the same "
+                 "length. MACs counted by the harness; latency the median of interleaved timed calls; peak memory "
+                 "from torch's allocator events (CPU) or max_memory_allocated (GPU). Log-log axes.")]
+
+
 # ----- FractalBrainNet patterns -------------------------------------------------------------------
 
 def plot_pattern_arrays(arrays: Sequence[tuple[str, str, np.ndarray]], folder: Path) -> list[Plot]:

@@ -331,6 +331,17 @@ def section_dynamic(ctx: ReportContext) -> Body | None:
     return Body(blocks)
 
 
+def section_length(ctx: ReportContext) -> Body | None:
+    table = tables.length_scaling(ctx.frame)
+    if table.empty:
+        return None
+    return Body([Note("Sequence models at the suite's cost.lengths, batch 1, in the measuring process: the model's "
+                      "attention beside full attention of the same size (freshly built at each length; costs do not "
+                      "depend on the weights). Saving = 1 - sparse / full at that length."),
+                 *ctx.figures(plots.plot_length_scaling(table, ctx.folder)),
+                 *ctx.table(table, "length_scaling")], rows_hint(table))
+
+
 def section_patterns(ctx: ReportContext) -> Body | None:
     return patterns.section(ctx)
 
@@ -439,6 +450,7 @@ SECTIONS: tuple[tuple[str, str, Builder, bool], ...] = (
     ("latency", "Latency: measured vs predicted, every row", section_latency, True),
     ("memory", "Memory", section_memory, True),
     ("dynamic", "Exits, skips and experts", section_dynamic, True),
+    ("length", "Cost against sequence length", section_length, True),
     ("patterns", "FractalBrainNet patterns", section_patterns, True),
     ("training", "Training", section_training, True),
     ("other", "Other metrics", section_other, True),

@@ -62,7 +62,7 @@ __all__ = [
     "chosen_points", "latency_vs_predicted", "preserved_accuracy",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
     "summary_table", "brief_summary", "cost_decomposition",
-    "routed_compute", "per_exit_table", "latency_table", "memory_table",
+    "routed_compute", "length_scaling", "per_exit_table", "latency_table", "memory_table",
     "error_table",
     "exit_histograms", "skip_rates", "expert_loads", "pattern_table", "rows_table", "other_metrics_table",
 ]
@@ -347,6 +347,39 @@ def routed_compute(frame: pd.DataFrame) -> pd.DataFrame:
     columns = [*GROUP, "policy", "threshold", *ROUTED_PARTS.values(), "dropped per layer", "busiest expert share (p90)"]
     out = pd.DataFrame(records, columns=columns)
     return out.sort_values([*GROUP, "useful expert MACs"]).reset_index(drop=True) if not out.empty else out
+
+
+LENGTH_PARTS = {"macs_at_length": "MACs", "latency_at_length": "latency ms", "memory_at_length": "peak MiB"}
+
+
+def length_scaling(frame: pd.DataFrame) -> pd.DataFrame:
+    """Sequence models against sequence length (``*_at_length`` rows): per model, attention variant
+    and length, MACs (and the attention products' share), median latency and peak memory, and for a
+    sparse variant its saving against full attention of the same size at that length
+    (1 - sparse / full)."""
+    wide: dict[tuple, dict[str, Any]] = {}
+    for row in frame[frame["metric"].isin(list(LENGTH_PARTS))].itertuples():
+        d = detail_of(row.detail)
+        key = (*(getattr(row, g) for g in GROUP), d.get("attention", row.policy), d.get("length"))
+        entry = wide.setdefault(key, {**{g: getattr(row, g) for g in GROUP}, "attention": key[-2],
+                                      "length": d.get("length")})
+        entry[LENGTH_PARTS[row.metric]] = row.value
+        if row.metric == "macs_at_length":
+            entry["attention MACs"] = d.get("attention_macs")
+    if not wide:
+        return pd.DataFrame()
+    for (*group, attention, length), entry in wide.items():
+        full = wide.get((*group, "full", length))
+        if attention == "full" or full is None:
+            continue
+        for part in LENGTH_PARTS.values():
+            mine, theirs = entry.get(part), full.get(part)
+            if mine is not None and theirs:
+                entry[f"{part} saving"] = 1.0 - mine / theirs
+    columns = [*GROUP, "attention", "length", "MACs", "attention MACs", "latency ms", "peak MiB",
+               *(f"{p} saving" for p in LENGTH_PARTS.values())]
+    out = pd.DataFrame(list(wide.values()), columns=columns)
+    return out.sort_values([*GROUP, "attention", "length"]).reset_index(drop=True)
 
 
 def pattern_table(frame: pd.DataFrame) -> pd.DataFrame:

@@ -72,3 +72,32 @@ def test_the_lra_models_read_grayscale_pixel_sequences():
     assert model_card("lra_transformer").reference["top1_lra_image"] == 42.44
     assert model_card("lra_longformer").reference["top1_lra_image"] == 42.22
     assert model_card("lra_bigbird").reference["top1_lra_image"] == 40.83
+
+
+def test_cost_against_length_rows_count_what_the_formula_and_the_cost_table_say():
+    """Longformer (4 layers) at 256 and 1,024 tokens beside full attention of its size: the attention
+    products of each variant are 4 x the hand formula; at 1,024 the Longformer variant's whole-model
+    MACs equal the registered model's own cost table (two independent paths); saving > 0 at 1,024."""
+    from fractalbench.harness.metrics import build_cost_table
+    from fractalbench.harness.metrics.length_scaling import length_scaling_rows
+
+    torch.manual_seed(0)
+    model = create_model("lra_longformer", num_classes=10, in_chans=3).eval()
+    rows = length_scaling_rows(model, (256, 1024), rounds=1, calls=1, model="lra_longformer")
+    import json
+
+    by = {(r["metric"], r["policy"], json.loads(r["detail"])["length"]): r for r in rows}
+    assert len(rows) == 3 * 2 * 2
+    for length in (256, 1024):
+        for attention in ("longformer", "full"):
+            macs = by[("macs_at_length", attention, length)]
+            assert json.loads(macs["detail"])["attention_macs"] == 4 * attention_macs(length, 64, attention, 64)
+            assert by[("latency_at_length", attention, length)]["value"] > 0
+            assert by[("memory_at_length", attention, length)]["value"] > 0
+    table = build_cost_table(model, torch.randn(1, 3, 32, 32))
+    assert by[("macs_at_length", "longformer", 1024)]["value"] == table.exits[-1]
+    assert by[("macs_at_length", "longformer", 1024)]["value"] < by[("macs_at_length", "full", 1024)]["value"]
+    # the full transformer has one variant only; a static CNN none
+    assert {r["policy"] for r in length_scaling_rows(create_model("lra_transformer"), (128,), rounds=1,
+                                                     calls=1)} == {"full"}
+    assert length_scaling_rows(create_model("resnet20"), (128,)) == []
