@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 KINDS = ("accuracy", "count", "timing", "memory", "distribution", "info", "error")
-GROUPS = ("accuracy", "cost", "latency", "memory", "dynamic", "training", "patterns", "run")
+GROUPS = ("accuracy", "cost", "latency", "memory", "energy", "dynamic", "training", "patterns", "run")
 
 
 class UnknownMetricError(ValueError):
@@ -131,6 +131,13 @@ METRICS: tuple[Metric, ...] = (
     _m("routing_weight", "fraction", "info", "dynamic", False,
        "soft routing (dynamic convolution): expert `detail.expert`'s share of layer `detail.layer`'s routing weight "
        "over the test images; detail: the mean weight and its p10/p50/p90/min/max"),
+    # energy (fractalbench.harness.metrics.energy), read around the timed latency calls
+    _m("energy_per_sample", "J", "info", "energy", True,
+       "joules per sample of the timed calls of a forced path (`exit`) or operating point (`policy`), from the "
+       "machine's counters (RAPL package / NVML); detail: gross and idle-net joules, idle watts, seconds, domains"),
+    _m("energy_meter", "count", "info", "energy", True,
+       "energy counter domains read by the latency measurement; 0: none can be read, detail.reason says why "
+       "(no energy_per_sample rows then: never an estimate)"),
     # cost against sequence length (fractalbench.harness.metrics.length_scaling)
     _m("macs_at_length", "MACs", "count", "cost", False,
        "MACs of one forward (batch 1) at sequence length `detail.length` of variant `policy` (the model's attention "

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # Catalogue groups each section shows (the "other metrics" section shows what none of them holds).
 SECTION_GROUPS = {"summary, points, per exit": ("accuracy", "cost"), "latency": ("latency",),
-                  "memory": ("memory",), "dynamic": ("dynamic",), "patterns": ("patterns",),
+                  "memory": ("memory",), "energy": ("energy",), "dynamic": ("dynamic",), "patterns": ("patterns",),
                   "training": ("training",), "errors": ("run",)}
 COVERED_METRICS = names(groups=[g for groups in SECTION_GROUPS.values() for g in groups])
 # Accuracy and cost rows shown by the summary, operating points and the per-exit table.
@@ -298,6 +298,23 @@ def section_memory(ctx: ReportContext) -> Body | None:
                  *ctx.table(table, "memory")], rows_hint(table))
 
 
+def section_energy(ctx: ReportContext) -> Body | None:
+    table, skipped = tables.energy_table(ctx.frame)
+    if table.empty and skipped.empty:
+        return None
+    blocks = []
+    if not table.empty:
+        blocks += [Note("Joules per sample read from the machine's counters around exactly the timed calls of each "
+                        "latency measurement (RAPL package domains on CPU, NVML on GPU): the whole package or GPU, "
+                        "every process on it; 'net' subtracts the idle power measured just before (a sleep). "
+                        "Forced rows: the path to one exit; policy rows: the stream at batch 1 or compact batches."),
+                   *ctx.table(table, "energy")]
+    if not skipped.empty:
+        blocks += [Note("No energy counter could be read for these cells; nothing is estimated in their place."),
+                   *ctx.table(skipped, "energy_skipped")]
+    return Body(blocks, rows_hint(table if not table.empty else skipped))
+
+
 def section_dynamic(ctx: ReportContext) -> Body | None:
     frame = ctx.frame
     exits, skips, experts = tables.exit_histograms(frame), tables.skip_rates(frame), tables.expert_loads(frame)
@@ -449,6 +466,7 @@ SECTIONS: tuple[tuple[str, str, Builder, bool], ...] = (
     ("exits", "Per exit: accuracy, MACs, latency", section_per_exit, True),
     ("latency", "Latency: measured vs predicted, every row", section_latency, True),
     ("memory", "Memory", section_memory, True),
+    ("energy", "Energy", section_energy, True),
     ("dynamic", "Exits, skips and experts", section_dynamic, True),
     ("length", "Cost against sequence length", section_length, True),
     ("patterns", "FractalBrainNet patterns", section_patterns, True),

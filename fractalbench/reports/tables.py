@@ -62,7 +62,7 @@ __all__ = [
     "chosen_points", "latency_vs_predicted", "preserved_accuracy",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
     "summary_table", "brief_summary", "cost_decomposition",
-    "routed_compute", "length_scaling", "per_exit_table", "latency_table", "memory_table",
+    "routed_compute", "length_scaling", "energy_table", "per_exit_table", "latency_table", "memory_table",
     "error_table",
     "exit_histograms", "skip_rates", "expert_loads", "pattern_table", "rows_table", "other_metrics_table",
 ]
@@ -347,6 +347,28 @@ def routed_compute(frame: pd.DataFrame) -> pd.DataFrame:
     columns = [*GROUP, "policy", "threshold", *ROUTED_PARTS.values(), "dropped per layer", "busiest expert share (p90)"]
     out = pd.DataFrame(records, columns=columns)
     return out.sort_values([*GROUP, "useful expert MACs"]).reset_index(drop=True) if not out.empty else out
+
+
+def energy_table(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(measured, skipped): ``energy_per_sample`` rows with their path, batch, gross and idle-net
+    joules per sample and seconds measured; and per cell whose ``energy_meter`` read nothing, the
+    reason."""
+    records = []
+    for row in metric_rows(frame, "energy_per_sample").itertuples():
+        d = detail_of(row.detail)
+        records.append({**{g: getattr(row, g) for g in GROUP}, "path": d.get("path"),
+                        "exit": none_if_nan(row.exit), "policy": row.policy, "threshold": none_if_nan(row.threshold),
+                        "batch": none_if_nan(row.batch_size), "J per sample": row.value,
+                        "net J per sample": d.get("net_j_per_sample"), "idle W": d.get("idle_w"),
+                        "seconds": d.get("seconds"), "source": d.get("source")})
+    columns = [*GROUP, "path", "exit", "policy", "threshold", "batch", "J per sample", "net J per sample", "idle W",
+               "seconds", "source"]
+    measured = pd.DataFrame(records, columns=columns)
+    skipped = [{**{g: getattr(row, g) for g in GROUP}, "source": detail_of(row.detail).get("source"),
+                "reason": detail_of(row.detail).get("reason")}
+               for row in metric_rows(frame, "energy_meter").itertuples() if not row.value]
+    skipped_frame = pd.DataFrame(skipped, columns=[*GROUP, "source", "reason"]).drop_duplicates()
+    return measured, skipped_frame.reset_index(drop=True)
 
 
 LENGTH_PARTS = {"macs_at_length": "MACs", "latency_at_length": "latency ms", "memory_at_length": "peak MiB"}

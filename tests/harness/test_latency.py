@@ -27,7 +27,7 @@ from fractalbench.harness.metrics.settings import StreamPoint, as_stream_point, 
 from fractalbench.harness.policies import ConfidencePolicy, ExitPolicy
 from fractalbench.harness.registry import ModelSpec
 
-FAST = dict(warmup=1, repeats=5, stream_samples=20, cross_check=False)
+FAST = dict(warmup=1, repeats=5, stream_samples=20, cross_check=False, energy=False)  # energy: test_energy.py
 
 
 def by(rows, **match):
@@ -102,7 +102,7 @@ def test_p99_is_reported_with_100_samples(tiny_models):
 def test_static_model_rows_and_timer_cross_check():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
     rows = measure_latency(model, torch.randn(4, 3, 2, 2), LatencySettings(
-        isolate=False, warmup=1, repeats=5, cross_check=True, cross_check_rounds=1,
+        isolate=False, warmup=1, repeats=5, cross_check=True, cross_check_rounds=1, energy=False,
         policies=({"name": "confidence", "thresholds": [0.5]},)))
     assert [r["metric"] for r in rows] == ["latency", "latency_timer_ratio"]  # policies do not apply to static models
     ratio = rows[1]

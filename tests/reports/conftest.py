@@ -101,7 +101,8 @@ def _static_rows(model: str, c: Cell) -> list[dict]:
             lat(2.0 if model == "resnet20" else 5.0, exit=0, batch_size=1),
             lat(9.0 if model == "resnet20" else 20.0, exit=0, batch_size=8),
             make_row("memory_peak_activations", 3.2 * c.memory_factor, "MiB", exit=0, batch_size=1, **f),
-            make_row("memory_weights", params * 4 / 2**20, "MiB", **f)]
+            make_row("memory_weights", params * 4 / 2**20, "MiB", **f),
+            make_row("energy_meter", 0, "count", **f, detail={"source": "rapl", "reason": "no RAPL counters here"})]
     if model == "fractalbrainnet":
         rows += [make_row("pattern_complexity", 0.5 + 0.3 * k, "nats", exit=k, split="test", **f) for k in range(3)]
         rows.append(make_row("hierarchy_score", 0.72, "score", split="test", **f, detail={"correlation": 0.8}))
@@ -171,7 +172,11 @@ def _moe_rows(model: str, c: Cell) -> list[dict]:
                  for e, v in enumerate(loads)]
         rows.append(make_row("tokens_dropped", 0.125 * layer, "fraction", policy="router", n=16000, **f,
                              detail={"layer": layer, "count": 2000 * layer, "routable": 16000}))
-    rows += [make_row("expert_macs_useful", 6_000_000, "MACs", policy="router", n=1000, **f),
+    rows += [make_row("energy_meter", 1, "count", **f, detail={"source": "rapl", "domains": ["intel-rapl:0"]}),
+             make_row("energy_per_sample", 0.004, "J", policy="router", batch_size=1, n=100, **f,
+                      detail={"path": "policy stream", "net_j_per_sample": 0.003, "idle_w": 20.0, "seconds": 0.2,
+                              "source": "rapl"}),
+             make_row("expert_macs_useful", 6_000_000, "MACs", policy="router", n=1000, **f),
              make_row("expert_macs_padded", 8_000_000, "MACs", policy="router", n=1000, **f),
              make_row("expert_utilization", 0.75, "fraction", policy="router", n=1000, **f)]
     return rows

@@ -18,7 +18,7 @@ PLOTS = ("accuracy_vs_macs__digits16", "accuracy_vs_latency__digits16__cpu", "pe
          "accuracy_vs_macs_test_grid__digits16")
 TABLES = ("summary", "summary_brief", "reference", "errors", "per_exit", "latency", "memory", "pareto_macs",
           "pareto_latency", "points_macs", "test_grid_macs", "test_grid_latency", "exit_histograms", "skip_rates",
-          "expert_load", "routed_compute", "pattern_analysis",
+          "expert_load", "routed_compute", "energy", "energy_skipped", "pattern_analysis",
           "training", "latency_vs_predicted", "cost_other", "latency_other", "other_metrics")
 ESCAPED_LABEL = "&lt;script&gt;alert(1)&lt;/script&gt;"
 
@@ -148,7 +148,7 @@ def test_report_contents(reported_run):
     for heading in ("Suite and environment", "Summary per model", "Accuracy vs cost (Pareto frontier)",
                     "Accuracy vs MACs (Pareto frontier)", "Memory", "Training", "Other metrics",
                     "Per exit: accuracy, MACs, latency", "Exit histograms", "Skip rates", "Expert load",
-                    "Routed compute: useful against padded",
+                    "Routed compute: useful against padded", "Energy",
                     "FractalBrainNet patterns", "Published reference numbers", "Errors"):
         assert f">{heading}<" in text, heading
     assert "Pareto frontier: top-1 vs MACs per image" in text

@@ -111,6 +111,14 @@ def test_routed_compute_puts_useful_beside_padded_with_drops_and_the_busiest_exp
     assert row["busiest expert share (p90)"] == "0: 0.400, 1: 0.250"  # the fixture's rows carry no p90
 
 
+def test_energy_table_keeps_measured_rows_and_states_each_skip(run_dir):
+    measured, skipped = tables.energy_table(frame_of(run_dir))
+    assert list(measured["model"]) == ["moe"] and measured.iloc[0]["J per sample"] == 0.004
+    assert measured.iloc[0]["net J per sample"] == 0.003 and measured.iloc[0]["path"] == "policy stream"
+    assert set(skipped["model"]) == {"resnet20", "fractalbrainnet"}
+    assert set(skipped["reason"]) == {"no RAPL counters here"}
+
+
 def test_summary_has_one_row_per_model_with_last_exit_numbers(run_dir):
     summary = frame_of(run_dir).pipe(tables.summary_table).set_index("label")
     assert summary.loc["branchynet", "top1 %"] == 92.5 and summary.loc["branchynet", "MACs (last exit)"] == 40e6

@@ -24,8 +24,9 @@ Definitions
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from fractalbench.harness import contract
 from fractalbench.harness.devices import check_device
+from fractalbench.harness.metrics.energy import EnergyMeter, energy_detail, energy_meter, idle_watts
 from fractalbench.harness.metrics.isolation import MeasurementError, build_model, run_worker, worker_env
 from fractalbench.harness.metrics.settings import (
     LatencySettings,
@@ -88,8 +90,9 @@ def measure_latency(model: nn.Module, inputs: Tensor, settings: LatencySettings,
                                "own batch's samples, so batch-1 rows time a sample routed alone and batched rows "
                                "routes shared with that batch; accuracy and MACs were measured at evaluate.batch_size")
         fields = {**row_fields, "device": row_fields.get("device") or device}
+        energy, rows = _energy(settings, device, fields)
         with torch.no_grad():
-            return _measure_all(model, inputs, settings, device, exits, policies, base, fields)
+            return _measure_all(model, inputs, settings, device, exits, policies, base, fields, energy) + rows
     finally:
         model.train(was_training)
         torch.set_num_threads(previous["threads"])
@@ -119,18 +122,64 @@ def _latency_row(metric: str, times: Sequence[float], fields: Mapping[str, Any],
                      detail={**detail, "min_ms": s.min, "max_ms": s.max})
 
 
+@dataclass(frozen=True)
+class _Energy:
+    meter: EnergyMeter
+    idle_w: float | None
+
+
+def _energy(settings: LatencySettings, device: str, fields: dict[str, Any]) -> tuple[_Energy | None, list[dict]]:
+    """The energy meter of this measurement and its ``energy_meter`` row (value: domains read; 0 with
+    the reason where none can be), or (None, []) when the suite turned energy off."""
+    if not settings.energy:
+        return None, []
+    meter = energy_meter(device)
+    if not meter.available:
+        return None, [field_row("energy_meter", 0, "count", fields, detail={"source": meter.source,
+                                                                             "reason": meter.reason})]
+    idle = idle_watts(meter, settings.energy_idle_s)
+    return _Energy(meter, idle), [field_row("energy_meter", len(meter.domains), "count", fields, detail={
+        "source": meter.source, "domains": list(meter.domains), "idle_w": idle, "idle_s": settings.energy_idle_s})]
+
+
+def _timed(fn: Any, repeats: int, device: str, warmup: int, energy: _Energy | None
+           ) -> tuple[list[float], tuple[list[float], list[float], float] | None]:
+    """time_calls, and the energy counters read around exactly the timed calls (after the warm-up)."""
+    for i in range(warmup):
+        fn(i)
+    if energy is None:
+        return time_calls(fn, repeats, device), None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    before, start = energy.meter.read(), time.perf_counter()
+    times = time_calls(fn, repeats, device)
+    after = energy.meter.read()
+    return times, (before, after, time.perf_counter() - start)
+
+
+def _energy_row(energy: _Energy | None, reads: Any, calls: int, samples: int, fields: Mapping[str, Any],
+                detail: Mapping[str, Any], **extra: Any) -> list[dict[str, Any]]:
+    if energy is None or reads is None:
+        return []
+    before, after, seconds = reads
+    value, info = energy_detail(energy.meter, before, after, seconds, calls, samples, energy.idle_w)
+    return [field_row("energy_per_sample", value, "J", fields, **extra, n=calls, detail={**detail, **info})]
+
+
 def _measure_all(model: nn.Module, inputs: Tensor, settings: LatencySettings, device: str, exits: list[int],
                  policies: list[tuple[dict[str, Any], ExitPolicy | None]], base: dict[str, Any],
-                 fields: dict[str, Any]) -> list[dict[str, Any]]:
+                 fields: dict[str, Any], energy: _Energy | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     exit_mean_b1: dict[int, float] = {}
     for b in settings.batch_sizes:
         xb = _batch(inputs, b)
         if settings.per_exit:
             for k in exits:
-                times = time_calls(lambda i, k=k, xb=xb: contract.forced_forward(model, xb, k), settings.repeats,
-                                   device, settings.warmup)
+                times, reads = _timed(lambda i, k=k, xb=xb: contract.forced_forward(model, xb, k), settings.repeats,
+                                      device, settings.warmup, energy)
                 rows.append(_latency_row("latency", times, fields, {**base, "path": "forced"}, batch_size=b, exit=k))
+                rows += _energy_row(energy, reads, settings.repeats, b, fields, {"path": "forced"}, batch_size=b,
+                                    exit=k)
                 if b == 1:
                     exit_mean_b1[k] = summarize(times).mean
         if b == 1 and settings.cross_check and contract.dynamic_kind(model) == "static":
@@ -142,15 +191,16 @@ def _measure_all(model: nn.Module, inputs: Tensor, settings: LatencySettings, de
                                                                     "torch.utils.benchmark.Timer per-call median"}))
         for key, policy in policies:
             if b == 1:
-                rows.extend(_stream_rows(model, inputs, settings, device, key, policy, exit_mean_b1, base, fields))
+                rows.extend(_stream_rows(model, inputs, settings, device, key, policy, exit_mean_b1, base, fields,
+                                         energy))
             else:
-                rows.extend(_batched_rows(model, inputs, settings, device, b, key, policy, base, fields))
+                rows.extend(_batched_rows(model, inputs, settings, device, b, key, policy, base, fields, energy))
     return rows
 
 
 def _stream_rows(model: nn.Module, inputs: Tensor, settings: LatencySettings, device: str, key: dict[str, Any],
                  policy: ExitPolicy | None, exit_mean: Mapping[int, float], base: dict[str, Any],
-                 fields: dict[str, Any]) -> list[dict[str, Any]]:
+                 fields: dict[str, Any], energy: _Energy | None = None) -> list[dict[str, Any]]:
     n, total = settings.stream_samples, inputs.shape[0]
     for i in range(settings.warmup):
         contract.dynamic_forward(model, inputs[i % total:i % total + 1], policy, "compact")
@@ -160,7 +210,7 @@ def _stream_rows(model: nn.Module, inputs: Tensor, settings: LatencySettings, de
         j = i % total
         exits.append(contract.dynamic_forward(model, inputs[j:j + 1], policy, "compact").trace.exit_index)
 
-    times = time_calls(call, n, device)
+    times, reads = _timed(call, n, device, 0, energy)
     num = contract.num_exits(model)
     counts = torch.bincount(torch.cat(exits).cpu().long(), minlength=num).tolist()
     fractions = [c / n for c in counts]
@@ -168,6 +218,8 @@ def _stream_rows(model: nn.Module, inputs: Tensor, settings: LatencySettings, de
     detail = {**base, "mode": "compact", "path": "policy stream", "exit_fractions": fractions,
               "unique_samples": min(n, total), "policy_description": label}
     rows = [_latency_row("latency", times, fields, detail, batch_size=1, **point)]
+    rows += _energy_row(energy, reads, n, 1, fields, {"path": "policy stream", "exit_fractions": fractions,
+                                                      "policy_description": label}, batch_size=1, **point)
     if num > 1 and all(k in exit_mean for k in range(num)):
         predicted = math.fsum(p * exit_mean[k] for k, p in enumerate(fractions))
         measured = summarize(times).mean
@@ -180,20 +232,24 @@ def _stream_rows(model: nn.Module, inputs: Tensor, settings: LatencySettings, de
 
 
 def _batched_rows(model: nn.Module, inputs: Tensor, settings: LatencySettings, device: str, b: int, key: dict[str, Any],
-                  policy: ExitPolicy | None, base: dict[str, Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
+                  policy: ExitPolicy | None, base: dict[str, Any], fields: dict[str, Any],
+                  energy: _Energy | None = None) -> list[dict[str, Any]]:
     distinct = max(1, math.ceil(inputs.shape[0] / b))
     batches = [_batch(inputs, b, j * b) for j in range(min(distinct, settings.repeats))]
     rows = []
     for mode in settings.modes:
-        times = time_calls(
+        times, reads = _timed(
             lambda i, mode=mode: contract.dynamic_forward(model, batches[i % len(batches)], policy, mode),
-            settings.repeats, device, settings.warmup)
+            settings.repeats, device, settings.warmup, energy)
         metric = "latency" if mode == "compact" else "latency_masked"
         s = summarize(times)
         detail = {**base, "mode": mode, "path": "policy batches", "per_sample_ms": s.mean / b,
                   "distinct_batches": len(batches), "policy_description": key["policy_description"]}
         rows.append(_latency_row(metric, times, fields, detail, batch_size=b, policy=key["policy"],
                                  threshold=key["threshold"]))
+        if mode == "compact":
+            rows += _energy_row(energy, reads, settings.repeats, b, fields, {"path": "policy batches", "mode": mode},
+                                batch_size=b, policy=key["policy"], threshold=key["threshold"])
     return rows
 
 
@@ -230,7 +286,7 @@ def overhead_rows(settings: LatencySettings, input_shape: Sequence[int] = (3, 32
     """The harness's own overhead: the ``noop`` model (does nothing, returns constant logits)
     measured like any model, as metric ``latency_overhead`` (ms per call) at each batch size."""
     inputs = torch.zeros((max(settings.batch_sizes), *input_shape))
-    sub = replace(settings, policies=(), cross_check=False, exits=None, per_exit=True)
+    sub = replace(settings, policies=(), cross_check=False, exits=None, per_exit=True, energy=False)
     fields = {**row_fields, "model": row_fields.get("model") or NULL_MODEL}
     rows = latency_rows(ModelSpec(NULL_MODEL), None, inputs, sub, **fields)
     out = []

@@ -69,6 +69,11 @@ class LatencySettings:
     cross_check_rounds: Annotated[Count, Field(description="interleaved rounds of the timer cross-check")] = 5
     timeout_s: Annotated[PositiveNumber, Field(description="seconds a measurement worker may run")] = 600.0
     plugins: tuple[str, ...] = ()
+    energy: Annotated[Flag, Field(description="read the energy counters (RAPL on CPU, NVML on GPU) around the "
+                                              "timed calls: energy_per_sample rows, or one energy_meter row saying "
+                                              "why none can be read")] = True
+    energy_idle_s: Annotated[PositiveNumber, Field(description="seconds of sleep to measure the idle power the "
+                                                               "energy rows are also given net of")] = 0.5
 
     def __post_init__(self) -> None:
         def whole(name: str, value: Any, low: int) -> None:
