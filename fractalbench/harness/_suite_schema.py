@@ -53,12 +53,13 @@ from fractalbench.harness._schema_types import (
     whole_valued,
 )
 from fractalbench.harness.data import DATASET_NAMES, DatasetConfig
+from fractalbench.harness.metrics.serving import ServingSettings
 from fractalbench.harness.metrics.settings import LatencySettings, MemorySettings
 from fractalbench.harness.policies import POLICY_NAMES
 from fractalbench.harness.train import FREEZE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from fractalbench.harness.weights import ADAPTER_CHOICES, CELL_PREFIX, WeightsConfig
 
-METRICS = ("accuracy", "cost", "latency", "memory", "sweep", "patterns")
+METRICS = ("accuracy", "cost", "latency", "memory", "sweep", "patterns", "serving")
 TOP_LEVEL = "(top level)"  # the field name in errors about the whole file
 UNKNOWN_FIELD = "unknown field"  # the start of the message of a field a section does not have
 MAX_PASSES = 8  # validation passes, each without the unknown fields the last one found
@@ -190,6 +191,24 @@ MemorySection = dataclass_section(MemorySettings, "Memory", "How peak memory is 
                                   "(fractalbench.harness.metrics.settings.MemorySettings).",
                                   annotated_fields(MemorySettings, MEMORY_FIELDS))
 
+ServingSection = dataclass_section(ServingSettings, "Serving", "The serving scenario (metric serving; "
+                                   "fractalbench.harness.metrics.serving): a dynamic-batching server driven by "
+                                   "MLPerf LoadGen at Poisson arrival rates, and a single stream.", {
+    "rates": described(tuple[number(gt=0), ...], "offered rates (samples/s) tried in order until one fails its "
+                                                  "latency bound, then bisected"),
+    "bound_ms": described(number(gt=0), "the p99 latency bound of a passing rate (ms)"),
+    "max_batch": described(whole(1), "most samples the server runs in one step"),
+    "max_wait_ms": described(number(ge=0), "how long the server lets its oldest new request wait for others"),
+    "min_queries": described(whole(1), "queries per Server run at least (LoadGen's min_query_count)"),
+    "min_duration_s": described(number(gt=0), "seconds per Server run at least"),
+    "max_duration_s": described(number(gt=0), "seconds per run at most"),
+    "search_steps": described(whole(0), "bisection steps between the last passing and the first failing rate"),
+    "single_stream_queries": described(whole(1), "queries of the SingleStream run"),
+    "threads": described(whole(1), "intra-op CPU threads while serving"),
+    "max_points": described(whole(1), "operating points served per model at most (spread over the points the "
+                                      "latency stream times)"),
+})
+
 
 def _instance(cls: type) -> Callable[[BaseModel], Any]:
     """``section -> cls(**its fields)``."""
@@ -200,6 +219,7 @@ Dataset = Annotated[DatasetConfig, parsed_as(DatasetSection, _instance(DatasetCo
 Training = Annotated[TrainConfig, parsed_as(TrainSection, _instance(TrainConfig))]
 Latency = Annotated[LatencySettings, parsed_as(LatencySection, _instance(LatencySettings))]
 Memory = Annotated[MemorySettings, parsed_as(MemorySection, _instance(MemorySettings))]
+Serving = Annotated[ServingSettings, parsed_as(ServingSection, _instance(ServingSettings))]
 #: Overrides of training settings: only the fields given, validated like ``train:``.
 TrainOverrides = Annotated[dict[str, Any], parsed_as(TrainSection, lambda s: s.model_dump(exclude_unset=True)),
                            Field(description="overrides of the suite's training settings")]
@@ -486,6 +506,8 @@ class Suite(Section):
     latency: described(Latency, "latency measurement (metric latency)") = Field(default_factory=LatencySettings)
     memory: described(Memory, "peak memory measurement (metric memory)") = Field(default_factory=MemorySettings)
     cost: described(CostConfig, "compute measurement (metric cost)") = Field(default_factory=CostConfig)
+    serving: described(Serving, "the serving scenario under load (metric serving)") = Field(
+        default_factory=ServingSettings)
     policies: described(tuple[PolicyConfig, ...], "exit policies to calibrate and sweep (default: confidence)") = ()
     budgets: described(tuple[Budget, ...],
                        "compute budgets: a fraction of each model's own full cost (its last exit's MACs; gated and "

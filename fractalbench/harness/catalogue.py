@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 KINDS = ("accuracy", "count", "timing", "memory", "distribution", "info", "error")
-GROUPS = ("accuracy", "cost", "latency", "memory", "energy", "dynamic", "training", "patterns", "run")
+GROUPS = ("accuracy", "cost", "latency", "memory", "energy", "serving", "dynamic", "training", "patterns", "run")
 
 
 class UnknownMetricError(ValueError):
@@ -131,6 +131,20 @@ METRICS: tuple[Metric, ...] = (
     _m("routing_weight", "fraction", "info", "dynamic", False,
        "soft routing (dynamic convolution): expert `detail.expert`'s share of layer `detail.layer`'s routing weight "
        "over the test images; detail: the mean weight and its p10/p50/p90/min/max"),
+    # serving under load (fractalbench.harness.metrics.serving), driven by MLPerf LoadGen
+    _m("serving_latency", "ms", "info", "serving", True,
+       "LoadGen Server scenario at offered rate `detail.offered` (Poisson arrivals): latency from issue to answer "
+       "through the dynamic-batching server; value = p99 (p50/p90/p99 filled); batch_size = the server's maximum"),
+    _m("serving_throughput", "samples/s", "info", "serving", True,
+       "samples answered per second in that Server run (LoadGen's completed rate)"),
+    _m("serving_max_rate", "samples/s", "info", "serving", True,
+       "the highest offered rate whose p99 latency stayed within `detail.bound_ms` with LoadGen's early stopping "
+       "satisfied (0: none of the rates tried); detail: every rate tried"),
+    _m("serving_single_stream", "ms", "info", "serving", True,
+       "LoadGen SingleStream: one query at a time through the same server; value = p90 latency"),
+    _m("serving_outcome_mismatches", "count", "count", "serving", False,
+       "served predictions that differ from the model's own batch-1 prediction of the same sample (0 unless "
+       "the model's decisions depend on the batch)"),
     # energy (fractalbench.harness.metrics.energy), read around the timed latency calls
     _m("energy_per_sample", "J", "info", "energy", True,
        "joules per sample of the timed calls of a forced path (`exit`) or operating point (`policy`), from the "
@@ -142,9 +156,9 @@ METRICS: tuple[Metric, ...] = (
     _m("macs_at_length", "MACs", "count", "cost", False,
        "MACs of one forward (batch 1) at sequence length `detail.length` of variant `policy` (the model's attention "
        "or full attention of the same size); detail.attention_macs: the attention products alone"),
-    _m("latency_at_length", "ms", "info", "latency", True,
+    _m("latency_at_length", "ms", "info", "cost", True,
        "median ms per call (batch 1) at sequence length `detail.length` of variant `policy`, variants interleaved"),
-    _m("memory_at_length", "MiB", "info", "memory", True,
+    _m("memory_at_length", "MiB", "info", "cost", True,
        "peak memory of one call (batch 1) at sequence length `detail.length` of variant `policy` (CPU: torch's "
        "allocator events; GPU: max_memory_allocated)"),
     # latency

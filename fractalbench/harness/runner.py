@@ -48,7 +48,8 @@ class RunSummary:
 _NOT_IN_CELL_DIGEST = ("name", "description", "models", "datasets", "devices", "seeds", "resources", "compare")
 # Suite keys that decide how a trained model is measured, not how it is trained: a change of only these
 # keeps a finished cell's checkpoint, and the cell is measured again from it (no retraining).
-MEASUREMENT_KEYS = ("evaluate", "metrics", "latency", "memory", "cost", "policies", "budgets")
+MEASUREMENT_KEYS = ("evaluate", "metrics", "latency", "memory", "cost", "policies", "budgets",
+                    "serving")
 
 
 def _raw_label(entry: Any) -> str:

@@ -379,6 +379,27 @@ def step_memory(s: CellState) -> Rows:
     return memory_rows(s.spec, s.need("weights"), input_shape(s.splits), settings, **s.fields)
 
 
+def step_serving(s: CellState) -> Rows:
+    """The serving scenario (:mod:`fractalbench.harness.metrics.serving`) for the operating points the
+    latency stream times (:func:`stream_points`; a static model: its one path), in this process."""
+    from fractalbench.harness.metrics.serving import serving_rows
+    from fractalbench.harness.metrics.settings import resolve_policy
+
+    settings = s.suite.serving
+    points = list(stream_points(s)) or [None]
+    if len(points) > settings.max_points:  # spread over the points, cheapest to dearest as the stream lists them
+        step = (len(points) - 1) / max(1, settings.max_points - 1)
+        points = [points[round(i * step)] for i in range(settings.max_points)]
+    keyed = []
+    for point in points:
+        description, decider = resolve_policy(point)
+        key = ({"policy": point.policy, "threshold": point.threshold} if point is not None
+               else {"policy": "default", "threshold": None})
+        keyed.append(({**key, "policy_description": description}, decider))
+    inputs = _inputs(s.splits.test, max(64, settings.max_batch * 4))
+    return serving_rows(s.model, inputs, keyed, settings, **{**s.fields, "device": s.device})
+
+
 def step_extras(s: CellState) -> Rows:
     """Model-specific rows and artifacts from the contract's ``extra_results`` hook (FractalBrainNet's
     patterns), on up to 32 test images."""
@@ -433,6 +454,7 @@ STEPS: tuple[Step, ...] = (
     Step("save_weights", step_save_weights, reads=("checkpoint",), produces=("weights",), on_demand=True),
     Step("latency", step_latency, _m("latency"), needs=("weights",), reads=("points",)),
     Step("memory", step_memory, _m("memory"), needs=("weights",)),
+    Step("serving", step_serving, _m("serving"), reads=("points",)),
     Step("extras", step_extras, _m("patterns")),
 )
 """Every step, in the one order they run in."""

@@ -453,6 +453,33 @@ def plot_expert_load(table: pd.DataFrame, folder: Path) -> list[Plot]:
                  "Share of routed tokens sent to each expert, per MoE layer (uniform = 1 / experts).")]
 
 
+def plot_serving(table: pd.DataFrame, folder: Path) -> list[Plot]:
+    """p99 latency against offered rate, one line per model and operating point, the bound dashed
+    (``table``: the per-rate part of :func:`fractalbench.reports.tables.serving_table`)."""
+    if table.empty:
+        return []
+    lines = list(dict.fromkeys(zip(table["label"], table["device"], table["policy"])))[:MAX_PANELS]
+    colors = _palette([f"{label} ({device}): {policy}" for label, device, policy in lines])
+    fig, axes = new_figure(7.5, 4.4)
+    ax = axes[0][0]
+    for label, device, policy in lines:
+        rows = table[(table["label"] == label) & (table["device"] == device) & (table["policy"] == policy)]
+        rows = rows.sort_values("offered /s")
+        name = f"{label} ({device}): {policy}"
+        ax.plot(rows["offered /s"], rows["p99 ms"], marker="o", color=colors[name], label=mpl_text(name))
+    for bound in sorted(set(table["bound ms"].dropna())):
+        ax.axhline(bound, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("offered rate (samples/s, Poisson)")
+    ax.set_ylabel("p99 latency, ms")
+    _xscale(ax, table["offered /s"])
+    if _wants_log(table["p99 ms"]):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    return [save(fig, folder, "serving_p99_vs_rate", "Serving: p99 latency against offered rate",
+                 "MLPerf LoadGen Server scenario through the dynamic-batching server; dashed: the p99 bound a rate "
+                 "must meet. Each point one LoadGen run.")]
+
+
 def plot_length_scaling(table: pd.DataFrame, folder: Path) -> list[Plot]:
     """MACs, latency and peak memory against sequence length, one line per model and attention
     variant, log-log (``table``: :func:`fractalbench.reports.tables.length_scaling`)."""

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 # Catalogue groups each section shows (the "other metrics" section shows what none of them holds).
 SECTION_GROUPS = {"summary, points, per exit": ("accuracy", "cost"), "latency": ("latency",),
-                  "memory": ("memory",), "energy": ("energy",), "dynamic": ("dynamic",), "patterns": ("patterns",),
+                  "memory": ("memory",), "energy": ("energy",), "serving": ("serving",),
+                  "dynamic": ("dynamic",), "patterns": ("patterns",),
                   "training": ("training",), "errors": ("run",)}
 COVERED_METRICS = names(groups=[g for groups in SECTION_GROUPS.values() for g in groups])
 # Accuracy and cost rows shown by the summary, operating points and the per-exit table.
@@ -315,6 +316,21 @@ def section_energy(ctx: ReportContext) -> Body | None:
     return Body(blocks, rows_hint(table if not table.empty else skipped))
 
 
+def section_serving(ctx: ReportContext) -> Body | None:
+    per_rate, per_point = tables.serving_table(ctx.frame)
+    if per_rate.empty and per_point.empty:
+        return None
+    return Body([Note("MLPerf LoadGen drives a dynamic-batching server (early-exit models: iteration-level batching, "
+                      "samples leave at their exit and new ones join at stage 0; others: batches of up to 'max "
+                      "batch' requests). Server scenario: Poisson arrivals at each offered rate, latency from "
+                      "issue to answer; a rate passes when its p99 is within the bound and LoadGen's early "
+                      "stopping holds. Single stream: one query at a time. Outcome mismatches: served predictions "
+                      "that differ from the model's batch-1 prediction."),
+                 *ctx.figures(plots.plot_serving(per_rate, ctx.folder)),
+                 *ctx.table(per_point, "serving"),
+                 Details("every Server run", ctx.table(per_rate, "serving_runs"))], rows_hint(per_point))
+
+
 def section_dynamic(ctx: ReportContext) -> Body | None:
     frame = ctx.frame
     exits, skips, experts = tables.exit_histograms(frame), tables.skip_rates(frame), tables.expert_loads(frame)
@@ -467,6 +483,7 @@ SECTIONS: tuple[tuple[str, str, Builder, bool], ...] = (
     ("latency", "Latency: measured vs predicted, every row", section_latency, True),
     ("memory", "Memory", section_memory, True),
     ("energy", "Energy", section_energy, True),
+    ("serving", "Serving under load", section_serving, True),
     ("dynamic", "Exits, skips and experts", section_dynamic, True),
     ("length", "Cost against sequence length", section_length, True),
     ("patterns", "FractalBrainNet patterns", section_patterns, True),

@@ -62,7 +62,8 @@ __all__ = [
     "chosen_points", "latency_vs_predicted", "preserved_accuracy",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
     "summary_table", "brief_summary", "cost_decomposition",
-    "routed_compute", "length_scaling", "energy_table", "per_exit_table", "latency_table", "memory_table",
+    "routed_compute", "length_scaling", "energy_table", "serving_table", "per_exit_table", "latency_table",
+    "memory_table",
     "error_table",
     "exit_histograms", "skip_rates", "expert_loads", "pattern_table", "rows_table", "other_metrics_table",
 ]
@@ -369,6 +370,39 @@ def energy_table(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                for row in metric_rows(frame, "energy_meter").itertuples() if not row.value]
     skipped_frame = pd.DataFrame(skipped, columns=[*GROUP, "source", "reason"]).drop_duplicates()
     return measured, skipped_frame.reset_index(drop=True)
+
+
+def serving_table(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per rate, per point): the Server runs (offered and completed rate, p50/p99 latency, whether
+    the rate passed) and per operating point the highest passing rate, the bound, the SingleStream
+    p90 and the outcome mismatches."""
+    runs = []
+    for row in metric_rows(frame, "serving_latency").itertuples():
+        d = detail_of(row.detail)
+        runs.append({**{g: getattr(row, g) for g in GROUP}, "policy": row.policy,
+                     "threshold": none_if_nan(row.threshold), "offered /s": d.get("offered"),
+                     "completed /s": d.get("completed"), "p50 ms": none_if_nan(row.p50), "p99 ms": row.value,
+                     "bound ms": d.get("bound_ms"), "passed": d.get("passed"), "queries": none_if_nan(row.n)})
+    per_rate = pd.DataFrame(runs, columns=[*GROUP, "policy", "threshold", "offered /s", "completed /s", "p50 ms",
+                                           "p99 ms", "bound ms", "passed", "queries"])
+    points: dict[tuple, dict[str, Any]] = {}
+    names_ = {"serving_max_rate": "max rate /s", "serving_single_stream": "single stream p90 ms",
+              "serving_outcome_mismatches": "outcome mismatches"}
+    for row in frame[frame["metric"].isin(list(names_))].itertuples():
+        key = (*(getattr(row, g) for g in GROUP), row.policy, threshold_key(row.threshold))
+        entry = points.setdefault(key, {**{g: getattr(row, g) for g in GROUP}, "policy": row.policy,
+                                        "threshold": none_if_nan(row.threshold)})
+        entry[names_[row.metric]] = row.value
+        if row.metric == "serving_max_rate":
+            d = detail_of(row.detail)
+            entry.update({"bound ms": d.get("bound_ms"), "max batch": d.get("max_batch"),
+                          "max wait ms": d.get("max_wait_ms")})
+    per_point = pd.DataFrame(list(points.values()), columns=[*GROUP, "policy", "threshold", "max rate /s",
+                                                             "bound ms", "single stream p90 ms",
+                                                             "outcome mismatches", "max batch", "max wait ms"])
+    sort = [*GROUP, "policy"]
+    return (per_rate.sort_values([*sort, "offered /s"]).reset_index(drop=True) if not per_rate.empty else per_rate,
+            per_point.sort_values(sort).reset_index(drop=True) if not per_point.empty else per_point)
 
 
 LENGTH_PARTS = {"macs_at_length": "MACs", "latency_at_length": "latency ms", "memory_at_length": "peak MiB"}
