@@ -181,7 +181,7 @@ TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (ha
 #: A suite's ``latency:`` section: these fields of LatencySettings (the others are the runner's).
 LATENCY_FIELDS = ("batch_sizes", "warmup", "repeats", "threads", "interop_threads", "stream_samples", "isolate",
                   "modes", "per_exit", "cross_check", "cross_check_rounds", "timeout_s",
-                  "energy", "energy_idle_s")
+                  "energy", "energy_idle_s", "backends")
 #: A suite's ``memory:`` section: these fields of MemorySettings (threads are latency's).
 MEMORY_FIELDS = ("batch_size", "repeats", "method", "timeout_s")
 LatencySection = dataclass_section(LatencySettings, "Latency", "How latency is measured "

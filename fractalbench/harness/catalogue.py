@@ -131,6 +131,15 @@ METRICS: tuple[Metric, ...] = (
     _m("routing_weight", "fraction", "info", "dynamic", False,
        "soft routing (dynamic convolution): expert `detail.expert`'s share of layer `detail.layer`'s routing weight "
        "over the test images; detail: the mean weight and its p10/p50/p90/min/max"),
+    # backends (fractalbench.harness.metrics.backends): eager, torch.compile, ONNX Runtime
+    _m("latency_backend", "ms", "info", "latency", True,
+       "ms per call through backend `detail.backend` (eager, inductor, onnxruntime; early-exit models one graph "
+       "per stage and head, decisions between graphs): forced path to `exit` or a batch-1 stream of the point"),
+    _m("backend_outcome_mismatches", "count", "count", "latency", False,
+       "test samples whose prediction through backend `detail.backend` differs from eager's at the point "
+       "(near-ties apart in detail; 0 = the export keeps every outcome)"),
+    _m("backend_unsupported", "count", "info", "latency", False,
+       "a model a backend does not run, with the reason (never a whole-graph export that computes every branch)"),
     # serving under load (fractalbench.harness.metrics.serving), driven by MLPerf LoadGen
     _m("serving_latency", "ms", "info", "serving", True,
        "LoadGen Server scenario at offered rate `detail.offered` (Poisson arrivals): latency from issue to answer "

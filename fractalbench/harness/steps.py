@@ -379,6 +379,26 @@ def step_memory(s: CellState) -> Rows:
     return memory_rows(s.spec, s.need("weights"), input_shape(s.splits), settings, **s.fields)
 
 
+def step_backends(s: CellState) -> Rows:
+    """Latency and outcomes through the suite's ``latency.backends``
+    (:mod:`fractalbench.harness.metrics.backends`) at the points the latency stream times, in this
+    process; outcomes compared with eager on the test split."""
+    from fractalbench.harness.metrics.backends import backend_rows
+    from fractalbench.harness.metrics.settings import resolve_policy
+
+    settings = s.suite.latency
+    keyed = []
+    for point in stream_points(s) or (None,):
+        _, decider = resolve_policy(point)
+        keyed.append(({"policy": point.policy, "threshold": point.threshold} if point is not None
+                      else {"policy": "default", "threshold": None}, decider))
+    s.model.to(s.device).eval()
+    return backend_rows(s.model, _inputs(s.splits.test, settings.stream_samples).to(s.device), keyed,
+                        settings.backends, repeats=settings.repeats, warmup=settings.warmup,
+                        stream_samples=settings.stream_samples, threads=settings.threads,
+                        outcome_inputs=_inputs(s.splits.test).to(s.device), **{**s.fields, "device": s.device})
+
+
 def step_serving(s: CellState) -> Rows:
     """The serving scenario (:mod:`fractalbench.harness.metrics.serving`) for the operating points the
     latency stream times (:func:`stream_points`; a static model: its one path), in this process."""
@@ -454,6 +474,8 @@ STEPS: tuple[Step, ...] = (
     Step("save_weights", step_save_weights, reads=("checkpoint",), produces=("weights",), on_demand=True),
     Step("latency", step_latency, _m("latency"), needs=("weights",), reads=("points",)),
     Step("memory", step_memory, _m("memory"), needs=("weights",)),
+    Step("backends", step_backends, _m("latency"), reads=("points",),
+         applies=lambda s: bool(s.suite.latency.backends)),
     Step("serving", step_serving, _m("serving"), reads=("points",)),
     Step("extras", step_extras, _m("patterns")),
 )

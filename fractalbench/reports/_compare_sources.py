@@ -14,7 +14,7 @@ from fractalbench.harness.outcomes import CellOutcomes, load_run_outcomes
 from fractalbench.harness.results import SCHEMA_VERSION, RunStore, atomic_write_json, detail_of
 
 BASELINE_DETAIL_KEYS = ("samples", "count", "exit_counts", "gate", "layer", "expert", "cost_unit", "thresholds",
-                        "fitted_on", "length", "attention")
+                        "fitted_on", "length", "attention", "backend")
 
 
 @dataclass

@@ -154,7 +154,8 @@ MACHINE_INDEPENDENT_METRICS = names(kinds=["accuracy", "count", "distribution", 
 KEY_FIELDS = ("model", "variant", "dataset", "device", "batch_size", "exit", "policy", "threshold", "split", "metric")
 DETAIL_KEYS = {"gate_rate": ("gate",), "expert_load": ("layer", "expert"), "tokens_dropped": ("layer",),
                "unit_macs": ("cost_unit",), "macs_at_length": ("length",), "latency_at_length": ("length",),
-               "memory_at_length": ("length",)}
+               "memory_at_length": ("length",), "latency_backend": ("backend",),
+               "backend_outcome_mismatches": ("backend",)}
 MEMORY_FLOOR_MIB = 0.5  # growth smaller than this is never a regression (RSS page and allocator noise)
 _CELL_FIELDS = ("model", "variant", "dataset", "device")
 _Outcomes = tuple[Mapping[str, CellOutcomes], Mapping[str, CellOutcomes]]  # (baseline's, candidate's)

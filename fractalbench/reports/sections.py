@@ -273,7 +273,8 @@ def section_per_exit(ctx: ReportContext) -> Body | None:
 def section_latency(ctx: ReportContext) -> Body | None:
     pairs = tables.latency_vs_predicted(ctx.frame)
     lat = tables.latency_table(ctx.frame)
-    extra = tables.rows_table(ctx.frame, names(groups=["latency"]) - names(kinds=["timing"]) - {"latency_predicted"})
+    extra = tables.rows_table(ctx.frame, names(groups=["latency"]) - names(kinds=["timing"]) - {
+        "latency_predicted", "latency_backend", "backend_outcome_mismatches", "backend_unsupported"})
     if pairs.empty and lat.empty and extra.empty:
         return None
     blocks = ctx.figures(plots.plot_latency_prediction(pairs, ctx.folder))
@@ -285,6 +286,16 @@ def section_latency(ctx: ReportContext) -> Body | None:
                         "time (batch 1), or batches with compaction (latency) or masking (latency_masked). "
                         "mean = value; p99 needs >= 100 calls."),
                    Details(f"every latency row ({len(lat)})", ctx.table(lat, "latency"))]
+    backends = tables.backend_table(ctx.frame)
+    if not backends.empty:
+        blocks += [Heading("Backends: does the saving survive compilation and export?"),
+                   Note("Each streamed operating point at batch 1 through eager PyTorch, torch.compile (inductor) "
+                        "and ONNX Runtime as the suite's latency.backends list them. Early-exit models run one graph "
+                        "per stage and head with the decision between graphs; models whose decisions live inside "
+                        "their forward are not exported (the reason is given). Latency saving: against the same "
+                        "backend's forced last exit; MACs saving: the point's expected MACs against the last "
+                        "exit's. Outcome mismatches: test predictions that differ from eager's (near-ties apart)."),
+                   *ctx.table(backends, "backends")]
     if not extra.empty:
         blocks.append(Details(f"latency cross-checks ({len(extra)})", ctx.table(extra, "latency_other")))
     return Body(blocks, rows_hint(lat))

@@ -62,8 +62,8 @@ __all__ = [
     "chosen_points", "latency_vs_predicted", "preserved_accuracy",
     "reference_table", "measured_for", "format_value", "formatted", "to_markdown", "write_table",
     "summary_table", "brief_summary", "cost_decomposition",
-    "routed_compute", "length_scaling", "energy_table", "serving_table", "per_exit_table", "latency_table",
-    "memory_table",
+    "routed_compute", "length_scaling", "energy_table", "serving_table", "backend_table", "per_exit_table",
+    "latency_table", "memory_table",
     "error_table",
     "exit_histograms", "skip_rates", "expert_loads", "pattern_table", "rows_table", "other_metrics_table",
 ]
@@ -403,6 +403,54 @@ def serving_table(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     sort = [*GROUP, "policy"]
     return (per_rate.sort_values([*sort, "offered /s"]).reset_index(drop=True) if not per_rate.empty else per_rate,
             per_point.sort_values(sort).reset_index(drop=True) if not per_point.empty else per_point)
+
+
+def backend_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model, backend and streamed operating point: batch-1 latency through the backend, its saving
+    against the same backend's forced last exit, the point's MACs saving (expected MACs against the
+    last exit's), and the outcome mismatches against eager; unsupported models with their reason."""
+    rows = metric_rows(frame, "latency_backend")
+    records = []
+    if not rows.empty:
+        forced: dict[tuple, float] = {}
+        for r in rows.itertuples():
+            d = detail_of(r.detail)
+            if d.get("path") == "forced":
+                key = (*(getattr(r, g) for g in GROUP), d.get("backend"))
+                if pd.notna(r.exit) and (key not in forced or r.exit > forced[key][0]):
+                    forced[key] = (r.exit, r.value)
+        macs = {(*(getattr(r, g) for g in GROUP), r.policy, threshold_key(r.threshold)): r.value
+                for r in metric_rows(frame, "expected_macs").itertuples()}
+        full = {tuple(getattr(r, g) for g in GROUP): r.value for r in metric_rows(frame, "macs").itertuples()
+                if pd.notna(r.exit)}
+        mismatch = {}
+        for r in metric_rows(frame, "backend_outcome_mismatches").itertuples():
+            d = detail_of(r.detail)
+            mismatch[(*(getattr(r, g) for g in GROUP), d.get("backend"), r.policy, threshold_key(r.threshold))] = (
+                r.value, d.get("near_ties"), d.get("exit_mismatches"))
+        for r in rows.itertuples():
+            d = detail_of(r.detail)
+            if d.get("path") != "policy stream":
+                continue
+            group = tuple(getattr(r, g) for g in GROUP)
+            last = forced.get((*group, d.get("backend")))
+            point_macs = macs.get((*group, r.policy, threshold_key(r.threshold)))
+            full_macs = full.get(group)
+            m = mismatch.get((*group, d.get("backend"), r.policy, threshold_key(r.threshold)), (None, None, None))
+            records.append({**dict(zip(GROUP, group)), "backend": d.get("backend"), "export": d.get("export"),
+                            "policy": r.policy, "threshold": none_if_nan(r.threshold), "ms (b=1)": r.value,
+                            "latency saving": 1 - r.value / last[1] if last and last[1] else None,
+                            "MACs saving": 1 - point_macs / full_macs if point_macs and full_macs else None,
+                            "outcome mismatches": m[0], "near ties": m[1], "exit mismatches": m[2]})
+    for r in metric_rows(frame, "backend_unsupported").itertuples():
+        d = detail_of(r.detail)
+        records.append({**{g: getattr(r, g) for g in GROUP}, "backend": ", ".join(d.get("backends", [])),
+                        "export": "not exported: " + str(d.get("reason", ""))})
+    columns = [*GROUP, "backend", "export", "policy", "threshold", "ms (b=1)", "latency saving", "MACs saving",
+               "outcome mismatches", "near ties", "exit mismatches"]
+    out = pd.DataFrame(records, columns=columns)
+    return out.sort_values([*GROUP, "policy", "backend"], na_position="first").reset_index(drop=True) \
+        if not out.empty else out
 
 
 LENGTH_PARTS = {"macs_at_length": "MACs", "latency_at_length": "latency ms", "memory_at_length": "peak MiB"}

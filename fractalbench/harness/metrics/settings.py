@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -74,6 +74,10 @@ class LatencySettings:
                                               "why none can be read")] = True
     energy_idle_s: Annotated[PositiveNumber, Field(description="seconds of sleep to measure the idle power the "
                                                                "energy rows are also given net of")] = 0.5
+    backends: Annotated[tuple[Literal["eager", "inductor", "onnxruntime"], ...], Field(
+        description="also run the forced exits and streamed points through these backends (torch.compile's "
+                    "inductor, ONNX Runtime; early-exit models one graph per stage, decisions between graphs): "
+                    "latency_backend and backend_outcome_mismatches rows")] = ()
 
     def __post_init__(self) -> None:
         def whole(name: str, value: Any, low: int) -> None:
