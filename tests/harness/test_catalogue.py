@@ -17,7 +17,7 @@ def test_entries_are_unique_and_well_formed():
     assert names(machine_dependent=True) == names(kinds=["timing", "memory"]) | {
         "latency_predicted", "latency_timer_ratio", "train_seconds", "cell_seconds", "latency_at_length",
         "memory_at_length", "energy_per_sample", "energy_meter", "serving_latency", "serving_throughput",
-        "serving_max_rate", "serving_single_stream"}
+        "serving_max_rate", "serving_single_stream", "latency_backend"}
 
 
 def test_writers_refuse_unknown_metrics_and_wrong_units():
