@@ -7,6 +7,7 @@ from it), writes every figure it makes as PNG and SVG into ``folder`` and return
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -184,6 +185,7 @@ def _cost_figures(points: pd.DataFrame, cost: str, subtitle: str, caption: str) 
 
 
 LINESTYLES = ("-", "--", ":", "-.")
+LEGEND_ROWS = 18  # legend entries in one column before it takes two
 
 
 def _marked(points: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -221,7 +223,13 @@ def _tradeoff_figure(points: pd.DataFrame, unit: str) -> Figure:
         handles += [Line2D([], [], color="grey", ls=ls, label=mpl_text(f"sweep: {p}")) for p, ls in styles.items()]
     if ((points["source"] == "policy") & points["threshold"].isna()).any():
         handles.append(Line2D([], [], color="grey", marker="s", ls="none", label="fitted on validation / learned"))
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    # a long legend (the reference run: 25 models and the markers) takes two columns and a taller figure,
+    # so that no entry is cut off below the axes
+    ncol = 1 if len(handles) <= LEGEND_ROWS else 2
+    rows = math.ceil(len(handles) / ncol)
+    fig.set_size_inches(10.0 + 2.6 * (ncol - 1), max(5.0, 0.21 * rows + 0.9))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              ncol=ncol)
     return fig
 
 
