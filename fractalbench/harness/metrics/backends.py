@@ -69,10 +69,23 @@ def _compile(module: nn.Module, backend: str, example: Tensor) -> Callable[[Tens
     if backend == "eager":
         return module
     if backend == "inductor":
+        _allow_recompiles()
         return torch.compile(module, backend="inductor", dynamic=True)
     if backend == "onnxruntime":
         return _onnx_session(module, example)
     raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def _allow_recompiles(limit: int = 512) -> None:
+    """Dynamo caches compiled graphs per code object: every stage of a ResNet shares BasicBlock.forward, and
+    batch 1 is specialised apart from the dynamic batch, so the default limit (8) would silently send the
+    later stages back to eager. Raised so that every stage stays compiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), limit))
 
 
 def _onnx_session(module: nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
