@@ -148,7 +148,8 @@ def splits_from_uint8(cfg: Any, train: tuple[Tensor, np.ndarray], test: tuple[Te
     info = {**info, "storage": f"uint8 in memory ({megabytes:.0f} MiB)", "n_train": len(fit_idx),
             "n_val": len(val_idx), "n_test": len(test_idx), "validation": f"{cfg.val_fraction:g} of train, stratified",
             "normalisation": {"mean": mean.tolist(), "std": std.tolist(), "from": "the training split"}}
-    return DataSplits(with_augmentation(full_train.subset(fit_idx), cfg.name, size), full_train.subset(val_idx),
+    return DataSplits(with_augmentation(full_train.subset(fit_idx), cfg.name, size, cfg.augment),
+                      full_train.subset(val_idx),
                       full_test.subset(test_idx), classes, int(train_x.shape[1]), size, cfg.label, info)
 
 
@@ -205,5 +206,6 @@ def _streamed(cfg: Any, train: tuple[list[Path], np.ndarray], test: tuple[list[P
             "n_val": len(val_idx), "n_test": len(test_idx), "validation": f"{cfg.val_fraction:g} of train, stratified",
             "normalisation": {"mean": mean.tolist(), "std": std.tolist(),
                               "from": f"{len(sample)} images of the training split"}}
-    return DataSplits(with_augmentation(full_train.subset(fit_idx), cfg.name, size), full_train.subset(val_idx),
+    return DataSplits(with_augmentation(full_train.subset(fit_idx), cfg.name, size, cfg.augment),
+                      full_train.subset(val_idx),
                       full_test.subset(test_idx), classes, 3, size, cfg.label, info)

@@ -146,6 +146,8 @@ DatasetSection = dataclass_section(DatasetConfig, "Dataset", "A dataset (harness
     "num_samples": described(OptionalSize, "synthetic only: number of images"),
     "memory_limit_mb": described(OptionalSize, "image folders whose uint8 pixels exceed this many MiB are streamed "
                                                "from disk; null: a quarter of the machine's memory"),
+    "augment": described(Flag, "the dataset family's training augmentation (CIFAR: random crop and flip; digits: "
+                               "random crop); false: none, as the LRA image task trains"),
 }, required=("name",), shorthand="name")
 
 TrainSection = dataclass_section(TrainConfig, "Training", "Training settings (harness.train.TrainConfig; the seed "

@@ -53,6 +53,7 @@ class DatasetConfig:
     in_chans: int | None = None  # synthetic only
     num_samples: int | None = None  # synthetic only
     memory_limit_mb: int | None = None  # image folders above this (uint8) stream from disk; None: RAM / 4
+    augment: bool = True  # the family's training augmentation (random crop, flip); False: none (LRA)
 
     @property
     def label(self) -> str:
@@ -106,9 +107,10 @@ class RandomCropFlip:
         return x
 
 
-def with_augmentation(ds: Dataset, name: str, image_size: int) -> Dataset:
-    """``ds`` with the dataset family's training augmentation (see :func:`_augmentation`), if any."""
-    aug = _augmentation(name, image_size)
+def with_augmentation(ds: Dataset, name: str, image_size: int, enabled: bool = True) -> Dataset:
+    """``ds`` with the dataset family's training augmentation (see :func:`_augmentation`), if any and
+    ``enabled``."""
+    aug = _augmentation(name, image_size) if enabled else None
     return Augmented(ds, aug) if aug else ds
 
 
@@ -206,7 +208,7 @@ def _digits(cfg: DatasetConfig) -> DataSplits:
     images = (images - mean) / std
     y = torch.from_numpy(labels)
     make = lambda idx: TensorDataset(images[idx], y[idx])  # noqa: E731
-    aug = _augmentation("digits", size)
+    aug = _augmentation("digits", size) if cfg.augment else None
     train = Augmented(make(fit_idx), aug) if aug else make(fit_idx)
     return DataSplits(train, make(val_idx), make(test_idx), 10, 1, size, cfg.label,
                       {"source": "sklearn.datasets.load_digits (UCI optical digits, bundled)",

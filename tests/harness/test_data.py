@@ -166,3 +166,15 @@ def test_digits_read_without_scikit_learn_equal_load_digits():
     bunch = load_digits()
     assert pixels.shape == (1797, 8, 8) and np.array_equal(pixels, bunch.images)
     assert np.array_equal(labels, bunch.target) and np.bincount(labels).tolist() == np.bincount(bunch.target).tolist()
+
+
+def test_augment_false_trains_on_the_images_as_they_are(tmp_path):
+    from fractalbench.harness.data import Augmented
+
+    digits, plain = load_dataset(DatasetConfig("digits")), load_dataset(DatasetConfig("digits", augment=False))
+    assert isinstance(digits.train, Augmented) and not isinstance(plain.train, Augmented)
+    assert torch.equal(plain.train[0][0], digits.train.base[0][0])  # the same image, never cropped
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    write_image_folder(tmp_path / "cifar10-jpg", n_train=10, n_test=2, size=32, classes=classes)
+    assert isinstance(load_dataset(DatasetConfig("cifar10", root=str(tmp_path))).train, Augmented)
+    assert not isinstance(load_dataset(DatasetConfig("cifar10", root=str(tmp_path), augment=False)).train, Augmented)
