@@ -5,26 +5,11 @@ import json
 
 import pytest
 import torch
+from staged_nets import median_policy, three_exit_net
 from torch import nn
 
 from fractalbench.harness import contract
-from fractalbench.harness.early_exit import EarlyExitNetwork
 from fractalbench.harness.metrics.backends import BackendRunner, backend_rows, unsupported_reason
-from fractalbench.harness.policies import ConfidencePolicy
-
-
-def three_exit_net():
-    torch.manual_seed(0)
-    stages = [nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())]
-    stages += [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(2)]
-    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)) for _ in range(3)]
-    return EarlyExitNetwork(stages, heads).eval()
-
-
-def median_policy(model, x):
-    with torch.no_grad():
-        logits = model.forward_exits(x)[:-1]
-    return ConfidencePolicy(thresholds=tuple(torch.softmax(t, -1).amax(-1).quantile(0.5).item() for t in logits))
 
 
 def test_the_eager_runner_is_the_models_own_compact_path():
